@@ -1,0 +1,1 @@
+"""Baseline editors: one module per method, each registered by name in ``oig.registry``."""

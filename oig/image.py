@@ -1,0 +1,139 @@
+"""Image I/O and preprocessing, written once for every editor and dataset."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+log = logging.getLogger(__name__)
+
+MIN_SIDE = 16
+MAX_PIXELS = 80_000_000  # refuse decompression bombs beyond this; huge-but-sane photos are downscaled
+
+
+class ImageError(ValueError):
+    """A file that cannot be used as an input image; the message names the file and the problem."""
+
+
+def to_rgb(img: Image.Image, source: str = "<image>") -> Image.Image:
+    """EXIF-transpose and convert any PIL mode (RGBA, LA, P, CMYK, I;16, F, ...) to 8-bit RGB.
+
+    Transparent pixels are composited on white; 16-bit and float images are rescaled by their
+    range (16-bit by 1/257) rather than clipped.
+    """
+    try:
+        img = ImageOps.exif_transpose(img)
+    except Exception as e:  # a broken EXIF block should not lose the image
+        log.warning("%s: ignoring unreadable EXIF orientation (%s)", source, e)
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(bg, rgba).convert("RGB")
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        a = np.asarray(img).astype(np.float64)
+        scale = 257.0 if (img.mode.startswith("I;16") or a.max() > 255) else 1.0
+        a = np.clip(a / scale, 0, 255).astype(np.uint8)
+        return Image.fromarray(a).convert("RGB")
+    if img.mode == "F":
+        a = np.asarray(img).astype(np.float64)
+        a = (a - a.min()) / max(a.max() - a.min(), 1e-12) * 255.0
+        return Image.fromarray(a.astype(np.uint8)).convert("RGB")
+    return img.convert("RGB")
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Open an image file as RGB, or raise :class:`ImageError` saying which file and why."""
+    path = Path(path)
+    if not path.exists():
+        raise ImageError(f"{path}: file not found")
+    Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+    try:
+        with Image.open(path) as im:
+            im.load()
+            img = to_rgb(im, str(path))
+    except UnidentifiedImageError:
+        raise ImageError(f"{path}: not an image or an unsupported format") from None
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"{path}: image too large ({e})") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageError(f"{path}: corrupt or truncated image ({e})") from None
+    check_size(img, str(path))
+    return img
+
+
+def check_size(img: Image.Image, source: str = "<image>"):
+    if min(img.size) < MIN_SIDE:
+        raise ImageError(f"{source}: image too small ({img.size[0]}x{img.size[1]}; the shorter side must be >= {MIN_SIDE})")
+
+
+def target_size(w: int, h: int, resolution: int, multiple: int, mode: str = "keep_aspect") -> tuple[int, int]:
+    """Output (width, height).
+
+    ``keep_aspect``: the long side becomes ``resolution``, the short side keeps the aspect ratio;
+    both are rounded to ``multiple`` (at least one multiple). ``square``: ``resolution`` x
+    ``resolution`` (the official OIG / pix2pix-zero / PnP preprocessing, which distorts).
+    """
+    if mode == "square":
+        return resolution, resolution
+    if mode != "keep_aspect":
+        raise ValueError(f"unknown resize mode {mode!r}; use keep_aspect or square")
+    s = resolution / max(w, h)
+    rw = max(multiple, int(round(w * s / multiple)) * multiple)
+    rh = max(multiple, int(round(h * s / multiple)) * multiple)
+    return rw, rh
+
+
+def preprocess(img: Image.Image, resolution: int, multiple: int, mode: str = "keep_aspect") -> Image.Image:
+    size = target_size(*img.size, resolution, multiple, mode)
+    if img.size == size:
+        return img
+    return img.resize(size, Image.LANCZOS)
+
+
+def resize_mask(mask: np.ndarray | None, size: tuple[int, int]) -> np.ndarray | None:
+    if mask is None:
+        return None
+    m = Image.fromarray(np.asarray(mask).astype(np.uint8) * 255)
+    if m.size != size:
+        m = m.resize(size, Image.NEAREST)
+    return np.asarray(m) > 127
+
+
+def pil_to_tensor(img: Image.Image) -> torch.Tensor:
+    """RGB PIL -> float tensor (1, 3, H, W) in [-1, 1]."""
+    a = np.asarray(img, dtype=np.float32) / 255.0
+    return torch.from_numpy(a).permute(2, 0, 1)[None] * 2.0 - 1.0
+
+
+def tensor_to_pil(x: torch.Tensor) -> list[Image.Image]:
+    """Float tensor (B, 3, H, W) in [-1, 1] -> list of RGB PIL images (clamped)."""
+    a = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(i) for i in a]
+
+
+def to_unit(img: Image.Image) -> np.ndarray:
+    return np.asarray(img, dtype=np.float32) / 255.0
+
+
+def make_grid(rows: list[list[Image.Image]], labels: list[str] | None = None, pad: int = 2) -> Image.Image:
+    """Tile images (rows x columns, all resized to the first image's size) into one picture."""
+    from PIL import ImageDraw
+
+    w, h = rows[0][0].size
+    ncol = max(len(r) for r in rows)
+    top = 12 if labels else 0
+    grid = Image.new("RGB", (ncol * (w + pad) + pad, top + len(rows) * (h + pad) + pad), (255, 255, 255))
+    if labels:
+        d = ImageDraw.Draw(grid)
+        for j, lab in enumerate(labels[:ncol]):
+            d.text((pad + j * (w + pad), 0), lab[: max(4, w // 6)], fill=(0, 0, 0))
+    for i, r in enumerate(rows):
+        for j, im in enumerate(r):
+            if im is None:
+                continue
+            grid.paste(im.resize((w, h)), (pad + j * (w + pad), top + pad + i * (h + pad)))
+    return grid

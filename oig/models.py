@@ -1,0 +1,161 @@
+"""Loading Stable-Diffusion-shaped models: one code path for the toy model, a local
+``save_pretrained`` folder and a hub id.
+
+``load_sd("toy")`` resolves to the folder shipped inside the package; any other string
+is either a local folder (used as is) or a hub id (``CompVis/stable-diffusion-v1-4``),
+loaded by diffusers/transformers ``from_pretrained`` exactly as the toy folder is.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+TOY_DIR = Path(__file__).parent / "toy" / "models"
+ALIASES = {
+    "toy": str(TOY_DIR / "sd"),
+    "toy_ip2p": str(TOY_DIR / "ip2p"),
+    "sd14": "CompVis/stable-diffusion-v1-4",
+    "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    "sd21": "stabilityai/stable-diffusion-2-1-base",
+    "ip2p": "timbrooks/instruct-pix2pix",
+}
+
+
+class WeightsNotFoundError(RuntimeError):
+    pass
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto`` is fp16 on CUDA/MPS and fp32 on CPU; ``fp32``/``fp16``/``bf16`` force one."""
+    table = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+             "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+    if dtype == "auto":
+        return torch.float16 if device.type in ("cuda", "mps") else torch.float32
+    if dtype not in table:
+        raise ValueError(f"unknown dtype {dtype!r}; use auto, fp32, fp16 or bf16")
+    if device.type == "cpu" and table[dtype] == torch.float16:
+        raise ValueError("fp16 is not supported on the CPU; use fp32 or bf16")
+    return table[dtype]
+
+
+def resolve_path(pretrained: str) -> str:
+    return ALIASES.get(pretrained, pretrained)
+
+
+def _missing(pretrained: str, err: Exception) -> WeightsNotFoundError:
+    return WeightsNotFoundError(
+        f"could not load model weights {pretrained!r}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}\n"
+        f"If this machine is offline, download the model elsewhere (e.g. `huggingface-cli download {pretrained} "
+        f"--local-dir DIR`) and pass the folder: model.pretrained=DIR (a save_pretrained folder with "
+        f"model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)."
+    )
+
+
+@dataclass
+class SDModels:
+    """The components of an SD-shaped model, on one device and dtype, frozen."""
+
+    vae: torch.nn.Module
+    unet: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    scheduler: object
+    device: torch.device
+    dtype: torch.dtype
+    model_id: str
+    revision: str | None = None
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def latent_multiple(self) -> int:
+        """Latent sides must be divisible by this so every U-Net down/up sample lines up."""
+        return 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+    @property
+    def pixel_multiple(self) -> int:
+        return self.vae_scale_factor * self.latent_multiple
+
+    @property
+    def resolution(self) -> int:
+        return int(self.unet.config.sample_size) * self.vae_scale_factor
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.vae.config.scaling_factor)
+
+    def fingerprint(self) -> str:
+        """Identifies the weights for cache keys: id, revision and, for local folders, file mtimes."""
+        p = Path(self.model_id)
+        if p.is_dir():
+            stamp = ",".join(
+                f"{f.relative_to(p)}:{f.stat().st_size}:{int(f.stat().st_mtime)}"
+                for f in sorted(p.rglob("*.safetensors"))
+            )
+            return f"{p.resolve()}|{stamp}"
+        return f"{self.model_id}@{self.revision or 'main'}"
+
+
+_CACHE: dict[tuple, SDModels] = {}
+
+
+def load_sd(
+    pretrained: str = "toy",
+    device: str = "auto",
+    dtype: str = "auto",
+    revision: str | None = None,
+    unet: str | None = None,
+    local_files_only: bool | None = None,
+) -> SDModels:
+    """Load VAE, U-Net, tokenizer + text encoder and DDIM scheduler.
+
+    ``unet`` optionally names another folder/id whose ``unet`` replaces the base one (the
+    toy InstructPix2Pix U-Net). Loaded models are memoised per process, so a sweep loads
+    each model once.
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    path = resolve_path(pretrained)
+    key = (path, str(dev), str(dt), revision, unet)
+    if key in _CACHE:
+        return _CACHE[key]
+    if local_files_only is None:
+        local_files_only = Path(path).is_dir() or os.environ.get("HF_HUB_OFFLINE") == "1"
+    kw = dict(revision=revision, local_files_only=local_files_only)
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kw)
+        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=dt, **kw)
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dt, **kw)
+        upath = resolve_path(unet) if unet else path
+        unet_m = UNet2DConditionModel.from_pretrained(upath, subfolder="unet", torch_dtype=dt, **kw)
+        scheduler = DDIMScheduler.from_pretrained(path, subfolder="scheduler", **kw)
+    except (OSError, ValueError, EnvironmentError) as e:
+        raise _missing(pretrained if pretrained == path else f"{pretrained} ({path})", e) from e
+    for m in (text_encoder, vae, unet_m):
+        m.to(dev).eval().requires_grad_(False)
+    models = SDModels(vae, unet_m, text_encoder, tokenizer, scheduler, dev, dt, path if unet is None else f"{path}+{unet}", revision)
+    log.info("loaded %s on %s (%s), resolution %d", models.model_id, dev, dt, models.resolution)
+    _CACHE[key] = models
+    return models

@@ -1,0 +1,60 @@
+"""Tiny random SD-shaped models for tests: built from config, saved with ``save_pretrained``
+and loaded back through :func:`oig.models.load_sd`, the same path real models take."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+TINY_UNET = dict(
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    cross_attention_dim=32,
+    attention_head_dim=2,
+    norm_num_groups=8,
+)
+TINY_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 2,
+    up_block_types=("UpDecoderBlock2D",) * 2,
+    block_out_channels=(16, 32),
+    layers_per_block=1,
+    latent_channels=4,
+    norm_num_groups=8,
+    sample_size=16,
+)
+
+
+def make_tiny_sd(folder: str | Path, seed: int = 0, in_channels: int = 4) -> Path:
+    """Write a random tiny SD folder (16x16 images, 8x8x4 latents) and return its path."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from .toy.tokenizer import save_tokenizer
+    from .toy.train import SCHEDULER_CONFIG
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    tok = save_tokenizer(folder / "tokenizer")
+    te = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, max_position_embeddings=77, bos_token_id=tok.bos_token_id,
+                                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+    te.save_pretrained(folder / "text_encoder")
+    AutoencoderKL(**TINY_VAE).save_pretrained(folder / "vae")
+    UNet2DConditionModel(**{**TINY_UNET, "in_channels": in_channels}).save_pretrained(folder / "unet")
+    DDIMScheduler(**SCHEDULER_CONFIG).save_pretrained(folder / "scheduler")
+    (folder / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
+        "feature_extractor": [None, None], "safety_checker": [None, None], "image_encoder": [None, None],
+        "requires_safety_checker": False, "scheduler": ["diffusers", "DDIMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}, indent=2))
+    return folder
