@@ -58,3 +58,28 @@ def make_tiny_sd(folder: str | Path, seed: int = 0, in_channels: int = 4) -> Pat
         "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
         "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}, indent=2))
     return folder
+
+
+def make_tiny_clip(folder: str | Path, seed: int = 0) -> str:
+    """Write a random tiny open_clip ``local-dir`` folder in the toy CLIP's format; returns ``local-dir:<folder>``."""
+    import copy
+
+    import open_clip
+    from safetensors.torch import save_file
+
+    from .toy.tokenizer import save_tokenizer
+    from .toy.train import CLIP_MEAN, CLIP_STD, CLIP_MODEL_CFG
+
+    folder = Path(folder)
+    tok = save_tokenizer(folder, model_max_length=32)
+    cfg = copy.deepcopy(CLIP_MODEL_CFG)
+    cfg["text_cfg"]["vocab_size"] = len(tok)
+    cfg["vision_cfg"].update(layers=1, width=64, head_width=32)
+    cfg["text_cfg"].update(layers=1, width=32, heads=2)
+    cfg["embed_dim"] = 32
+    (folder / "open_clip_config.json").write_text(json.dumps({
+        "model_cfg": cfg, "preprocess_cfg": {"mean": list(CLIP_MEAN), "std": list(CLIP_STD)}}))
+    torch.manual_seed(seed)
+    model = open_clip.create_model(f"local-dir:{folder}")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
+    return f"local-dir:{folder}"

@@ -53,7 +53,7 @@ VAE_CONFIG = dict(
 TEXT_CONFIG = dict(
     hidden_size=128,
     intermediate_size=512,
-    num_hidden_layers=3,
+    num_hidden_layers=2,
     num_attention_heads=4,
     max_position_embeddings=77,
     projection_dim=128,
@@ -64,11 +64,11 @@ UNET_CONFIG = dict(
     out_channels=4,
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    block_out_channels=(64, 128, 128),
+    block_out_channels=(32, 64, 64),
     layers_per_block=1,
     cross_attention_dim=128,
     attention_head_dim=4,  # diffusers' legacy name: this is the number of heads
-    norm_num_groups=32,
+    norm_num_groups=16,
 )
 SCHEDULER_CONFIG = dict(
     num_train_timesteps=1000,
@@ -180,7 +180,7 @@ class Trainer:
 # --------------------------------------------------------------------------------------
 
 
-def train_vae(steps: int = 3000, bs: int = 32, lr: float = 1e-3, kl: float = 1e-6):
+def train_vae(steps: int = 1300, bs: int = 32, lr: float = 1e-3, kl: float = 1e-6):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
@@ -311,7 +311,7 @@ def _save_sd_folder(unet, text_encoder, tok):
     (SD_DIR / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def train_unet(steps: int = 6000, bs: int = 32, lr: float = 5e-4, bank_size: int = 30000):
+def train_unet(steps: int = 4000, bs: int = 32, lr: float = 5e-4, bank_size: int = 20000):
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
     torch.manual_seed(0)
@@ -326,7 +326,7 @@ def train_unet(steps: int = 6000, bs: int = 32, lr: float = 5e-4, bank_size: int
     _save_sd_folder(tr.ema["unet"], tr.ema["text_encoder"], tok)
 
 
-def train_ip2p(steps: int = 2000, bs: int = 32, lr: float = 3e-4, bank_size: int = 20000):
+def train_ip2p(steps: int = 1500, bs: int = 32, lr: float = 3e-4, bank_size: int = 12000):
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -360,7 +360,7 @@ CLIP_MEAN = (0.55, 0.5, 0.45)
 CLIP_STD = (0.27, 0.27, 0.3)
 
 
-def train_clip(steps: int = 3000, bs: int = 128, lr: float = 1e-3):
+def train_clip(steps: int = 1500, bs: int = 128, lr: float = 1e-3):
     import open_clip
     from safetensors.torch import save_file
 

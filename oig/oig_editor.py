@@ -1,0 +1,365 @@
+r"""OIG and OIG+ (Lee, Kang & Han, "Diffusion-Based Conditional Image Editing through
+Optimized Inference with Guidance", WACV 2025), following the official implementation
+(github.com/Hleephilip/OIG, commit 1da09e1) step by step, un-lagged.
+
+Notation: x^src_t the source trajectory (DDIM reconstruction from the inverted noise with
+the source prompt), x^tgt_t the target trajectory (from the same x_T), y_src / y_tgt the
+prompts, E_I / E_T the guidance CLIP's image / text encoders, D the VAE decoder, Π the CLIP
+preprocessing (x/2 + 1/2, no clamp; bicubic resize of the short side; centre crop; CLIP
+normalisation), f^l_t the residual-branch output (after conv2, before the skip add) of
+ResNet block l of the U-Net's down and up blocks (the mid block excluded), w the CFG scale,
+ε̂ = ε(x, y_neg) + w (ε(x, y_tgt) − ε(x, y_neg)).
+
+1. x_T = DDIM-Inv(E(x_src), y_src), guidance 1 (pix2pix-zero index convention by default).
+2. Reconstruction pass (no grad), CFG with [y_neg, y_src], caching S^l_k = f^l(x^src_{τ_k}).
+3. Guided pass, at every step k = 0..N−1 (timestep τ_k):
+
+       x̂0 = (x_t − sqrt(1 − ᾱ_t) ε̂) / sqrt(ᾱ_t)
+       L_clip   = max(0, cos(E_I(Π(D(x̂0))), E_T(y_src)) − cos(E_I(Π(D(x̂0))), E_T(y_tgt)) + β_p)
+       L_struct = Σ_l max(0, β_f · MSE(f^l_t(x^tgt_t), S^l_k) − MSE(f^l_t(x^tgt_t), sg f^l_{t+1}(x^tgt_{t+1})))
+                  (no negative at the first guided step: Σ_l β_f · MSE(f^l_t, S^l_k))
+       L_dist   = λ1 L_clip + λ2 L_struct
+       x_{t−Δ}  = DDIM(x_t, ε̂) − η_k ∇_{x_t} L_dist
+
+   The CFG forward runs on [x_t, x_t]; like the reference, the gradient is the one reaching
+   the first (negative-prompt) copy, while the loss value covers both halves (MSE over the
+   [2, C, H, W] features). η_k = η(min(k+1, N−1)) with η(i) = 2(i+1)/(N/10) while
+   i+1 < N/10, else 2·1.05^−(i+1)  (0.80, 1.20, 1.60, 1.567, … , 0.174 for N = 50).
+
+OIG+ adds the cycle-consistency terms of the reference (paper Appendix B): the source
+reconstruction is re-inverted step by step in lock-step with the target pass; its DDIM
+"jump to T", x̃_T = sqrt(ᾱ_T/ᾱ_s) x_s + (sqrt(1−ᾱ_T) − sqrt(ᾱ_T(1−ᾱ_s)/ᾱ_s)) ε, feeds
+
+       L_cyc,tgt = λ4 (1 − i/N) / η_i · ‖x̂0^tgt − Sample_N(x̃_T, y_tgt)‖₂      (added to L_dist)
+       L_cyc,src = λ3 (1 − i/N) · ‖sqrt(ᾱ_T) x̂0^tgt + sqrt(1−ᾱ_T) ε(x̂0^tgt, 1, y_tgt) − x̃_T‖₂
+
+with λ3 = 0.2 λ4 by default; the second's gradient (w.r.t. the source chain's latent) is
+subtracted after each inverse step. λ4 = 0 gives OIG exactly.
+
+Differences from the reference that do not change results: no gradients of U-Net
+parameters, no extra no-grad U-Net calls when λ4 = 0, features are kept in the compute
+dtype on the device (``offload_features=true`` moves them to the CPU), and the whole loop
+is written without the reference's one-step lag.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .clip import load_clip
+from .diffusion import Timer
+from .editor import Editor
+from .features import FeatureHooks, resnet_layers
+from .registry import register_editor
+from .types import EditRequest, EditResult
+
+log = logging.getLogger(__name__)
+
+
+def official_lr(i: int, total: int) -> float:
+    """The reference's ``get_lr``: linear warm-up over ``total // 10`` steps, then 2·1.05^−(i+1)."""
+    w = total // 10
+    if i + 1 < w:
+        return 2 * ((i + 1) / w)
+    return 2 * (1 / 1.05) ** (i + 1)
+
+
+def step_sizes(total: int, schedule: str = "official", lr: float = 1.0) -> list[float]:
+    """η_k for k = 0..total−1 (un-lagged: η(min(k+1, total−1)))."""
+    if schedule == "official":
+        return [official_lr(min(k + 1, total - 1), total) for k in range(total)]
+    if schedule == "constant":
+        return [float(lr)] * total
+    raise ValueError(f"unknown step-size schedule {schedule!r}; use official or constant")
+
+
+@register_editor("oig")
+class OIG(Editor):
+    """OIG with every knob of the reference and the ablation switches.
+
+    Ablations: ``clip_term`` triplet | target_only (1 − cos(v, E_T(y_tgt))) | off;
+    ``struct_term`` triplet | positive_only (Σ β_f MSE(f, S)) | off; ``layers`` all | down |
+    up | list of ResnetBlock2D names; ``grad_branch`` negative (reference) | conditional |
+    both (sum); ``lr_schedule`` official | constant (``lr``); ``guide_range`` [start, end) as
+    fractions of the steps (steps outside are plain DDIM steps).
+    """
+
+    has_reconstruction = True
+
+    def __init__(self, lambda1: float = 0.1, lambda2: float = 1.0, beta_p: float = 0.5, beta_f: float = 2.5,
+                 steps: int = 50, guidance: float = 5.0, negative: str = "auto", inversion: str = "p2pzero",
+                 clip_model: str = "toy", clip_pretrained: str | None = None,
+                 clip_term: str = "triplet", struct_term: str = "triplet", layers="all",
+                 grad_branch: str = "negative", lr_schedule: str = "official", lr: float = 1.0,
+                 guide_range: tuple = (0.0, 1.0), offload_features: bool = False,
+                 resize_mode: str = "keep_aspect", encode: str = "mean"):
+        super().__init__(steps, guidance, negative, resize_mode, encode)
+        self.lambda1, self.lambda2, self.beta_p, self.beta_f = lambda1, lambda2, beta_p, beta_f
+        self.inversion = inversion
+        self.clip_model, self.clip_pretrained = clip_model, clip_pretrained
+        for k, v, ok in (("clip_term", clip_term, ("triplet", "target_only", "off")),
+                         ("struct_term", struct_term, ("triplet", "positive_only", "off")),
+                         ("grad_branch", grad_branch, ("negative", "conditional", "both"))):
+            if v not in ok:
+                raise ValueError(f"{k} must be one of {ok}, got {v!r}")
+        self.clip_term, self.struct_term, self.grad_branch = clip_term, struct_term, grad_branch
+        self.layers = layers if isinstance(layers, str) else list(layers)
+        self.lr_schedule, self.lr = lr_schedule, lr
+        self.guide_range = tuple(float(x) for x in guide_range)
+        self.offload_features = offload_features
+        step_sizes(steps, lr_schedule, lr)  # validate early
+
+    # ------------------------------------------------------------------ setup
+    def bind(self, models, cache=None, progress=False):
+        super().bind(models, cache, progress)
+        self.clip = None
+        if self.lambda1 != 0 and self.clip_term != "off":
+            self.clip = load_clip(self.clip_model, self.clip_pretrained, models.device, models.dtype)
+        self.layer_names = resnet_layers(models.unet, self.layers)
+        if self.lambda2 == 0 or self.struct_term == "off":
+            self.layer_names = []  # nothing to capture: no hooks, no feature memory
+        return self
+
+    def negative_text(self, req: EditRequest) -> str:
+        # the reference: the source caption for real images, "" for synthetic ones
+        if self.negative == "auto":
+            return "" if req.init_noise is not None else req.source_prompt
+        return super().negative_text(req)
+
+    def _guided(self, k: int) -> bool:
+        a, b = self.guide_range
+        return a * self.steps <= k < b * self.steps
+
+    # ------------------------------------------------------------------ pieces
+    def _start(self, req, src, timer):
+        c = self.core
+        if req.init_noise is not None:  # synthetic source: start from its generation noise
+            xT = req.init_noise.to(c.m.device, c.m.dtype)
+            cached = False
+        else:
+            with timer("inversion"):
+                inv = c.invert_image(src, req.source_prompt, self.steps, convention=self.inversion, seed=req.seed)
+            xT, cached = inv.xT, inv.from_cache
+        return xT, cached
+
+    @torch.no_grad()
+    def _reconstruct(self, xT, emb_src2, ts, d):
+        """Reconstruction pass with the source prompt; returns (x0 latent, S[k][layer])."""
+        c, unet = self.core, self.models.unet
+        feats = []
+        x = xT
+        with FeatureHooks(unet, self.layer_names) as fh:
+            for k, t in enumerate(tqdm(ts, desc="reconstruct", disable=not c.progress, leave=False)):
+                out = unet(torch.cat([x, x]), t, encoder_hidden_states=emb_src2).sample
+                e_neg, e_cond = out.chunk(2)
+                eps = e_neg + self.guidance * (e_cond - e_neg)
+                f = fh.pop()
+                if self.offload_features:
+                    f = {n: v.to("cpu") for n, v in f.items()}
+                feats.append(f if self._guided(k) else None)
+                x, _ = c.ddim_step(x, eps, t, t - d)
+        return x, feats
+
+    def _clip_loss(self, x0, e_src, e_tgt):
+        img = self.core.decode(x0) / 2 + 0.5  # no clamp, as the reference
+        v = self.clip.encode_image(img.to(self.clip.dtype), normalize=True)
+        cos_t = (v * e_tgt).sum(-1)
+        if self.clip_term == "target_only":
+            return (1 - cos_t).sum()
+        cos_s = (v * e_src).sum(-1)
+        return torch.clamp(cos_s - cos_t + self.beta_p, min=0).sum()
+
+    def _struct_loss(self, F_now, S, P):
+        loss = 0.0
+        dev = self.models.device
+        for n in self.layer_names:
+            pos = F.mse_loss(F_now[n], S[n].to(dev))
+            if self.struct_term == "positive_only" or P is None:
+                loss = loss + self.beta_f * pos
+            else:
+                loss = loss + torch.clamp(self.beta_f * pos - F.mse_loss(F_now[n], P[n]), min=0)
+        return loss
+
+    def loss_at(self, X, t, emb2, S, P, e_src, e_tgt, fh, extra_loss=None):
+        """L_dist at the CFG input ``X = [x_t, x_t]`` (differentiable w.r.t. ``X``).
+
+        Returns ``(loss, eps, features, x0_hat, parts)``; ``fh`` is the active FeatureHooks.
+        """
+        c, unet = self.core, self.models.unet
+        fh.pop()
+        out = unet(X, t, encoder_hidden_states=emb2).sample
+        e_neg, e_cond = out.chunk(2)
+        eps = e_neg + self.guidance * (e_cond - e_neg)
+        F_now = fh.pop()
+        a = c.abar(t)
+        x0 = (X[:1] - (1 - a) ** 0.5 * eps) / a**0.5
+        parts = {}
+        loss = X.sum() * 0.0
+        if self.layer_names:
+            parts["struct"] = self._struct_loss(F_now, S, P)
+            loss = loss + self.lambda2 * parts["struct"]
+        if self.clip is not None:
+            parts["clip"] = self._clip_loss(x0, e_src, e_tgt)
+            loss = loss + self.lambda1 * parts["clip"]
+        if extra_loss is not None:
+            parts["cycle_tgt"] = extra_loss(x0)
+            loss = loss + parts["cycle_tgt"]
+        return loss, eps, F_now, x0, parts
+
+    def _guided_step(self, x, k, t, d, emb2, S, P, e_src, e_tgt, eta, fh, extra_loss=None):
+        """One guided step at τ_k. Returns (x_next, features for the next negative, x̂0, loss parts)."""
+        X = torch.cat([x, x]).detach().requires_grad_(True)
+        with torch.enable_grad():
+            loss, eps, F_now, x0, parts = self.loss_at(X, t, emb2, S, P, e_src, e_tgt, fh, extra_loss)
+            (gX,) = torch.autograd.grad(loss, X)
+        g_neg, g_cond = gX.chunk(2)
+        g = {"negative": g_neg, "conditional": g_cond, "both": g_neg + g_cond}[self.grad_branch]
+        with torch.no_grad():
+            x_next, _ = self.core.ddim_step(x, eps.detach(), t, t - d)
+            x_next = x_next - eta * g
+        P_next = {n: v.detach() for n, v in F_now.items()}
+        return x_next, P_next, x0.detach(), {k_: float(v.detach()) if torch.is_tensor(v) else float(v) for k_, v in parts.items()}
+
+    # ------------------------------------------------------------------ edit
+    def edit(self, req: EditRequest, src, timer: Timer) -> EditResult:
+        c = self.core
+        ts = c.timesteps(self.steps)
+        d = c.step_size(self.steps)
+        etas = step_sizes(self.steps, self.lr_schedule, self.lr)
+        xT, cached = self._start(req, src, timer)
+        neg = self.negative_text(req)
+        emb_neg, emb_src, emb_tgt = c.encode_text([neg]), c.encode_text([req.source_prompt]), c.encode_text([req.target_prompt])
+        e_src = e_tgt = None
+        if self.clip is not None:
+            with torch.no_grad():
+                e_src = self.clip.encode_text([req.source_prompt])
+                e_tgt = self.clip.encode_text([req.target_prompt])
+        with timer("reconstruction"):
+            z_src, S = self._reconstruct(xT, torch.cat([emb_neg, emb_src]), ts, d)
+        feat_bytes = sum(v.numel() * v.element_size() for s in S if s for v in s.values())
+        emb2 = torch.cat([emb_neg, emb_tgt])
+        stats = {"clip": [], "struct": [], "cycle_tgt": []}
+        with timer("editing"):
+            x = self._edit_loop(xT, z_src, ts, d, emb2, torch.cat([emb_neg, emb_src]), S, e_src, e_tgt, etas, stats)
+        self.check_finite(x, "guided sampling")
+        with torch.no_grad():
+            out = c.decode_pil(x)
+            recon = c.decode_pil(z_src)
+        info = {"inversion_cached": cached, "source_feature_mb": round(feat_bytes / 2**20, 3)}
+        for k_, v in stats.items():
+            if v:
+                info[f"loss_{k_}_mean"] = sum(v) / len(v)
+        return EditResult(image=out, source=src, reconstruction=recon, info=info)
+
+    def _edit_loop(self, xT, z_src, ts, d, emb2, emb_src2, S, e_src, e_tgt, etas, stats):
+        c, unet = self.core, self.models.unet
+        x, P = xT, None
+        with FeatureHooks(unet, self.layer_names) as fh:
+            for k, t in enumerate(tqdm(ts, desc="oig", disable=not c.progress, leave=False)):
+                if not self._guided(k):
+                    with torch.no_grad():
+                        e = c.eps(x, t, emb2[1:], emb2[:1], self.guidance)
+                        fh.pop()
+                        x, _ = c.ddim_step(x, e, t, t - d)
+                    P = None
+                    continue
+                x, P, _, parts = self._guided_step(x, k, t, d, emb2, S[k], P, e_src, e_tgt, etas[k], fh)
+                for k_, v in parts.items():
+                    stats[k_].append(v)
+                S[k] = None  # free as we go
+        return x
+
+
+@register_editor("oig_plus")
+class OIGPlus(OIG):
+    """OIG+ : OIG plus the reference's cycle-consistency guidance (λ4, λ3 = ``lambda3_ratio`` · λ4)."""
+
+    def __init__(self, lambda4: float = 0.1, lambda3_ratio: float = 0.2, **kw):
+        super().__init__(**kw)
+        if tuple(self.guide_range) != (0.0, 1.0):
+            raise ValueError("oig_plus guides every step (its cycle chain runs in lock-step); guide_range must be [0, 1]")
+        self.lambda4 = lambda4
+        self.lambda3_ratio = lambda3_ratio
+
+    def _jump_to_T(self, x, a_T, a_s, eps):
+        return (a_T / a_s) ** 0.5 * x + ((1 - a_T) ** 0.5 - (a_T * (1 - a_s) / a_s) ** 0.5) * eps
+
+    def _cfg(self, X2, t, emb2):
+        e_neg, e_cond = self.models.unet(X2, t, encoder_hidden_states=emb2).sample.chunk(2)
+        return e_neg + self.guidance * (e_cond - e_neg)
+
+    def _source_step(self, x_src, s, i, x0_tgt, emb_src2, emb2, d, a_T):
+        """One step of the source re-inversion at timestep ``s`` with the source cycle loss."""
+        c = self.core
+        N = self.steps
+        lam3 = self.lambda3_ratio * self.lambda4
+        Xs = torch.cat([x_src, x_src]).detach().requires_grad_(lam3 != 0)
+        with torch.set_grad_enabled(lam3 != 0):
+            eps_s = self._cfg(Xs, s, emb_src2)
+            g = 0.0
+            if lam3 != 0:
+                xT_hat = self._jump_to_T(Xs[:1], a_T, float(c.alphas[s]), eps_s)
+                with torch.no_grad():  # one-shot inversion of the current target x̂0 at the first timestep
+                    s0 = c.timesteps(N)[-1]
+                    e0 = self._cfg(torch.cat([x0_tgt, x0_tgt]), s0, emb2)
+                    pseudo_T = self._jump_to_T(x0_tgt, a_T, 1.0, e0)
+                loss = (1.0 - i / N) * lam3 * torch.norm(pseudo_T - xT_hat)
+                (gX,) = torch.autograd.grad(loss, Xs)
+                g = gX.chunk(2)[0]
+        with torch.no_grad():
+            a_t = float(c.alphas[s - 1])
+            a_n = float(c.alphas[s + d - 1]) if s + d <= c.T else c.final_alpha
+            x0 = (x_src - (1 - a_t) ** 0.5 * eps_s.detach()) / a_t**0.5
+            return a_n**0.5 * x0 + (1 - a_n) ** 0.5 * eps_s.detach() - g
+
+    @torch.no_grad()
+    def _next_jump(self, x_src, s_next, emb_src2, a_T):
+        eps = self._cfg(torch.cat([x_src, x_src]), s_next, emb_src2)
+        return self._jump_to_T(x_src, a_T, float(self.core.alphas[s_next]), eps)
+
+    def _edit_loop(self, xT, z_src, ts, d, emb2, emb_src2, S, e_src, e_tgt, etas, stats):
+        c, unet = self.core, self.models.unet
+        N = self.steps
+        a_T = float(c.alphas[ts[0]])
+        with torch.no_grad():  # i = 0 of the reference: the first source step, against x̂0 of x_T
+            x0_t = c.x0_hat(xT, c.eps(xT, ts[0], emb2[1:], emb2[:1], self.guidance), ts[0])
+        x_src = self._source_step(z_src, ts[-1], 0, x0_t, emb_src2, emb2, d, a_T)
+        xT_hat = self._next_jump(x_src, ts[-2], emb_src2, a_T)
+        x, P = xT, None
+
+        def cycle_tgt(i, eta, target_T):
+            def fn(x0):
+                if self.lambda4 == 0:
+                    return x0.sum() * 0.0
+                with torch.no_grad():
+                    pseudo = c.sample(target_T, emb2[1:], emb2[:1], self.guidance, N, desc="cycle")
+                return (1.0 / eta) * (1.0 - i / N) * self.lambda4 * torch.norm(x0 - pseudo)
+            return fn
+
+        with FeatureHooks(unet, self.layer_names) as fh:
+            for k, t in enumerate(tqdm(ts, desc="oig+", disable=not c.progress, leave=False)):
+                i = min(k + 1, N - 1)  # the reference's iteration index for this step
+                x, P, _, parts = self._guided_step(x, k, t, d, emb2, S[k], P, e_src, e_tgt, etas[k], fh,
+                                                   extra_loss=cycle_tgt(i, etas[k], xT_hat))
+                for k_, v in parts.items():
+                    stats[k_].append(v)
+                S[k] = None
+                if k == N - 1:
+                    break
+                with torch.no_grad():
+                    t1 = ts[k + 1]
+                    x0_t = c.x0_hat(x, c.eps(x, t1, emb2[1:], emb2[:1], self.guidance), t1)
+                    fh.pop()
+                s = ts[-(k + 1) - 1]
+                x_src = self._source_step(x_src, s, k + 1, x0_t, emb_src2, emb2, d, a_T)
+                fh.pop()
+                if k + 1 != N - 1:
+                    xT_hat = self._next_jump(x_src, ts[-(k + 1) - 2], emb_src2, a_T)
+                    fh.pop()
+                else:
+                    xT_hat = x_src.detach().clone()
+        return x

@@ -1,0 +1,249 @@
+"""``oig-run``: the Hydra app that runs one editor over one dataset and scores it.
+
+The story of a run, top to bottom: load the model, build the editor and bind it, build the
+dataset and the metrics, then for each sample edit, score, save images and append one row.
+Rows are written one file per sample (``rows/<id>.json``, temp file + rename), so a killed
+run loses at most the sample in flight and a re-run in the same folder skips what is done;
+``results.parquet`` is rebuilt from them at the end. A failing sample becomes a row with
+``status="error"`` and a one-line ``error``; the run goes on unless ``strict=true``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+log = logging.getLogger("oig.run")
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def safe_id(s: str) -> str:
+    """A sample id as a file name: never a path, never hidden, never '..'."""
+    s = _SAFE.sub("_", str(s)).strip("._") or "sample"
+    return s[:150]
+
+
+def _atomic_write(path: Path, data: bytes):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _jsonable(v):
+    if isinstance(v, (np.floating, np.integer)):
+        v = v.item()
+    if isinstance(v, float) and (math.isnan(v) or math.isinf(v)):
+        return str(v)  # JSON has no NaN/inf; read back by load_rows
+    if isinstance(v, (str, int, float, bool)) or v is None:
+        return v
+    return str(v)
+
+
+def load_rows(run_dir: Path) -> list[dict]:
+    rows = []
+    for p in sorted((Path(run_dir) / "rows").glob("*.json")):
+        try:
+            r = json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError):
+            log.warning("ignoring unreadable row file %s", p)
+            continue
+        rows.append({k: float(v) if v in ("nan", "inf", "-inf") else v for k, v in r.items()})
+    return rows
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """CUDA: peak allocated by torch since the last reset; CPU: the process's peak RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def one_line(e: BaseException) -> str:
+    msg = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {msg[0] if msg else ''}"[:500]
+
+
+def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict:
+    """Run ``cfg`` and return the summary. ``output_dir`` overrides ``paths.output_dir``."""
+    from hydra.utils import instantiate
+
+    from eval.base import MetricInput
+    from oig.cache import InversionCache
+    from oig.image import make_grid, resize_mask
+    from oig.models import load_sd
+    from oig.types import EditRequest
+
+    out = Path(output_dir or cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+    models = load_sd(cfg.model.pretrained, device=cfg.device, dtype=cfg.dtype, revision=cfg.model.get("revision"))
+    cache = InversionCache(cfg.cache.dir, enabled=cfg.cache.enabled)
+    editor = instantiate(cfg.method).bind(models, cache=cache, progress=False)
+    method = editor.name
+    hp = editor.hparams()
+    log.info("method %s %s", method, hp)
+    dataset = instantiate(cfg.dataset)
+    metrics = {name: instantiate(m) for name, m in (cfg.get("metrics") or {}).items()}
+    for m in metrics.values():
+        m.setup(models.device)
+    logger = instantiate(cfg.logger) if cfg.get("logger") else None
+    if logger is not None:
+        logger.start(out, OmegaConf.to_container(cfg, resolve=True), name=f"{method}-{out.name}")
+
+    done = {r["id"]: r for r in load_rows(out)} if cfg.resume else {}
+    if done:
+        log.info("resuming in %s: %d samples already done", out, len(done))
+    rows_dir = out / "rows"
+    n_new = n_err = 0
+    t_run = time.perf_counter()
+    for sample in tqdm(dataset, total=len(dataset), desc=method, disable=not cfg.progress):
+        sid = safe_id(sample.id)
+        if sid in done:
+            continue
+        row = {"id": sid, "task": sample.task, "method": method, "model": cfg.model.pretrained,
+               "dataset": getattr(dataset, "name", type(dataset).__name__), "seed": int(cfg.seed),
+               "status": "ok", "error": None}
+        row.update({f"hp_{k}": v for k, v in hp.items()})
+        h0, m0 = cache.hits, cache.misses
+        images = {}
+        try:
+            if sample.error:
+                raise ValueError(sample.error)
+            if models.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(models.device)
+            res = editor(EditRequest.from_sample(sample, seed=int(cfg.seed)))
+            if not np.isfinite(np.asarray(res.image, dtype=np.float32)).all():
+                raise RuntimeError("non-finite edit")
+            row.update({f"time_{k}": v for k, v in res.timings.items()})
+            row["peak_mem_mb"] = peak_memory_mb(models.device)
+            row.update({k: v for k, v in res.info.items() if isinstance(v, (int, float, str, bool))})
+            images = {"source": res.source, "edit": res.image, "reconstruction": res.reconstruction}
+            if sample.target_image is not None:
+                images["target"] = sample.target_image.resize(res.image.size)
+            mi = MetricInput(source=res.source, edit=res.image, source_prompt=sample.source_prompt,
+                             target_prompt=sample.target_prompt, mask=resize_mask(sample.mask, res.image.size),
+                             target_image=images.get("target"), task=sample.task, meta=sample.meta)
+            for name, m in metrics.items():
+                try:
+                    row.update(m([mi])[0])
+                except Exception as e:  # a metric failure does not lose the edit
+                    if cfg.strict:
+                        raise
+                    row[f"metric_error_{name}"] = one_line(e)
+                    log.warning("%s: metric %s failed: %s", sid, name, one_line(e))
+        except Exception as e:
+            if cfg.strict:
+                raise
+            row["status"], row["error"] = "error", one_line(e)
+            n_err += 1
+            log.warning("%s: %s", sid, row["error"])
+        row["cache_hits"], row["cache_misses"] = cache.hits - h0, cache.misses - m0
+        if cfg.save_images and images:
+            d = out / "images" / sid
+            d.mkdir(parents=True, exist_ok=True)
+            for k, im in images.items():
+                if im is not None:
+                    im.save(d / f"{k}.png")
+        _atomic_write(rows_dir / f"{sid}.json", json.dumps({k: _jsonable(v) for k, v in row.items()}).encode())
+        done[sid] = row
+        n_new += 1
+        if logger is not None:
+            logger.log_row(row, images)
+
+    rows = load_rows(out)
+    df = pd.DataFrame(rows)
+    if len(df):
+        df.to_parquet(out / "results.parquet", index=False)
+    summary = summarize(df)
+    summary.update(method=method, samples=len(df), new_samples=n_new, errors=int((df.get("status") == "error").sum()) if len(df) else 0,
+                   run_seconds=round(time.perf_counter() - t_run, 2), cache_hits=cache.hits, cache_misses=cache.misses)
+    (out / "summary.json").write_text(json.dumps({k: _jsonable(v) for k, v in summary.items()}, indent=2))
+    if cfg.save_images:
+        _grid(out, df, cfg.grid_rows, make_grid)
+    log.info("run folder: %s", out)
+    log.info("summary (%d samples, %d errors, %d cache hits, %d misses):\n%s", summary["samples"], summary["errors"],
+             cache.hits, cache.misses, format_summary(summary))
+    if logger is not None:
+        logger.finish({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
+    return summary
+
+
+NON_METRIC = ("seed", "cache_hits", "cache_misses")
+
+
+def summarize(df: pd.DataFrame) -> dict:
+    """Mean of every numeric metric/timing column over the ``ok`` rows (NaN excluded per column)."""
+    if not len(df):
+        return {}
+    ok = df[df["status"] == "ok"]
+    out = {}
+    for c in ok.columns:
+        if c.startswith("hp_") or c in NON_METRIC or not pd.api.types.is_numeric_dtype(ok[c]):
+            continue
+        v = ok[c].replace([np.inf, -np.inf], np.nan)
+        if pd.api.types.is_bool_dtype(ok[c]):
+            v = v.astype(float)
+        out[c] = float(v.mean()) if v.notna().any() else float("nan")
+    return out
+
+
+def format_summary(summary: dict) -> str:
+    lines = ["| metric | mean |", "|---|---|"]
+    for k, v in summary.items():
+        if isinstance(v, float):
+            lines.append(f"| {k} | {v:.4g} |")
+    return "\n".join(lines)
+
+
+def _grid(out: Path, df: pd.DataFrame, n: int, make_grid):
+    from PIL import Image
+
+    if not len(df):
+        return
+    ok = df[df["status"] == "ok"].head(n)
+    cols = ["source", "edit", "reconstruction", "target"]
+    present = [c for c in cols if any((out / "images" / i / f"{c}.png").exists() for i in ok["id"])]
+    rows = []
+    for i in ok["id"]:
+        rows.append([Image.open(out / "images" / i / f"{c}.png").convert("RGB")
+                     if (out / "images" / i / f"{c}.png").exists() else None for c in present])
+    if rows:
+        make_grid(rows, labels=present).save(out / "grid.png")
+
+
+def main():
+    import hydra
+
+    @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+    def _main(cfg: DictConfig):
+        return run(cfg)
+
+    _main()
+
+
+if __name__ == "__main__":
+    main()
