@@ -1,0 +1,94 @@
+"""Cost of one OIG edit against a plain 50-step CFG DDIM sampling, same model, same process.
+
+    python -m experiments.bench_oig [--model toy] [--device auto] [--repeats 3]
+
+Prints the wall-clock seconds of each and the ratio (target: OIG <= 4.5x the plain sampling).
+OIG's time here is the whole edit (inversion, reconstruction, guided pass); the phases are
+printed too. The first call of each is a warm-up and is not counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import statistics
+import time
+
+import torch
+from PIL import Image
+
+from oig.diffusion import Diffusion
+from oig.models import load_sd
+from oig.oig_editor import OIG
+from oig.toy import world
+from oig.types import EditRequest
+
+log = logging.getLogger("bench_oig")
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="toy")
+    p.add_argument("--clip", default="toy")
+    p.add_argument("--clip-pretrained", default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--image", default=None, help="an image file (default: a toy scene)")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    models = load_sd(a.model, device=a.device, dtype=a.dtype)
+    core = Diffusion(models)
+    if a.image:
+        img = Image.open(a.image).convert("RGB")
+        sp, tp = "a photo of a cat", "a photo of a dog"
+    else:
+        s = world.random_scene(random.Random(0), striped=False)
+        img, sp, tp = Image.fromarray(world.render(s)), s.caption, s.replace(shape="square" if s.shape != "square" else "circle").caption
+    src = core.prepare(img)
+    lat = models.resolution // models.vae_scale_factor
+    shape = (1, models.unet.config.in_channels, src.size[1] // models.vae_scale_factor, src.size[0] // models.vae_scale_factor)
+    cond, neg = core.encode_text([tp]), core.encode_text([sp])
+
+    def plain():
+        _sync()
+        t = time.perf_counter()
+        z = core.sample(core.noise(shape, 0), cond, neg, 5.0, a.steps)
+        core.decode_pil(z)
+        _sync()
+        return time.perf_counter() - t
+
+    editor = OIG(steps=a.steps, clip_model=a.clip, clip_pretrained=a.clip_pretrained).bind(models)
+    phases = {}
+
+    def oig():
+        _sync()
+        t = time.perf_counter()
+        r = editor(EditRequest(img, sp, tp, seed=0))
+        _sync()
+        phases.update(r.timings)
+        return time.perf_counter() - t
+
+    plain(), oig()  # warm-up
+    tp_ = [plain() for _ in range(a.repeats)]
+    to_ = [oig() for _ in range(a.repeats)]
+    res = {
+        "device": str(models.device), "dtype": str(models.dtype), "model": a.model, "latent": list(shape),
+        "plain_sampling_s": statistics.median(tp_), "oig_edit_s": statistics.median(to_),
+        "ratio": statistics.median(to_) / statistics.median(tp_),
+        "oig_phases_s": {k: round(v, 3) for k, v in phases.items()},
+    }
+    log.info(json.dumps(res, indent=2))
+    return res
+
+
+if __name__ == "__main__":
+    main()
