@@ -120,7 +120,10 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict:
     rows_dir = out / "rows"
     n_new = n_err = 0
     t_run = time.perf_counter()
-    for sample in tqdm(dataset, total=len(dataset), desc=method, disable=not cfg.progress):
+    todo = [i for i in dataset.ids() if safe_id(i) not in done] if hasattr(dataset, "ids") else None
+    samples = dataset.iter_samples(skip=set(done)) if hasattr(dataset, "iter_samples") else iter(dataset)
+    for sample in tqdm(samples, total=len(todo) if todo is not None else len(dataset), desc=method,
+                       disable=not cfg.progress):
         sid = safe_id(sample.id)
         if sid in done:
             continue
