@@ -65,7 +65,8 @@ class InversionCache:
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=p.parent)
         os.close(fd)
         try:
-            save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp)
+            # clone: entries may alias each other (a trajectory holds x_T and z0), which safetensors refuses
+            save_file({k: v.detach().to("cpu").clone().contiguous() for k, v in tensors.items()}, tmp)
             os.replace(tmp, p)
             self.writes += 1
         finally:
