@@ -96,7 +96,12 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict:
     from oig.models import load_sd
     from oig.types import EditRequest
 
-    out = Path(output_dir or cfg.paths.output_dir)
+    from omegaconf import open_dict
+
+    if output_dir is not None:  # outside a Hydra app (tests, notebooks): no ${hydra:...} to resolve
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(output_dir)
+    out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
