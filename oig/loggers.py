@@ -37,8 +37,16 @@ class WandbLogger(NullLogger):
         import wandb
 
         group = self.group
-        if group is None and "multirun" in Path(run_dir).parts:
-            group = Path(run_dir).parent.name
+        if group is None:  # runs of one Hydra multirun share its sweep folder's name as group
+            try:
+                from hydra.core.hydra_config import HydraConfig
+
+                hc = HydraConfig.get()
+                if str(hc.mode) == "RunMode.MULTIRUN":
+                    group = Path(hc.sweep.dir).name
+            except ValueError:  # not inside a Hydra app
+                if "multirun" in Path(run_dir).parts:
+                    group = Path(run_dir).parent.name
         self.run = wandb.init(project=self.project, entity=self.entity, mode=self.mode, dir=str(run_dir),
                               config=config, name=name, group=group, tags=self.tags, reinit="finish_previous")
         log.info("wandb run %s (%s mode) in %s", self.run.id, self.mode, run_dir)

@@ -132,7 +132,8 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict:
         sid = safe_id(sample.id)
         if sid in done:
             continue
-        row = {"id": sid, "task": sample.task, "method": method, "model": cfg.model.pretrained,
+        row = {"id": sid, "task": sample.task, "source_prompt": sample.source_prompt,
+               "target_prompt": sample.target_prompt, "method": method, "model": cfg.model.pretrained,
                "dataset": getattr(dataset, "name", type(dataset).__name__), "seed": int(cfg.seed),
                "status": "ok", "error": None}
         row.update({f"hp_{k}": v for k, v in hp.items()})

@@ -311,7 +311,7 @@ def test_method_config_builds_editor_with_defaults(name, cls):
     ed = instantiate(cfg)
     assert type(ed) is cls and get_editor(name) is cls and cls.name == name
     defaults = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items() if k != "self"}
-    values = {k: v for k, v in OmegaConf.to_container(cfg).items() if k != "_target_"}
+    values = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "_target_"}
     assert values == defaults  # every hyperparameter, each at its default
     assert ed.hparams() == defaults
 
