@@ -63,18 +63,32 @@ class CLIP:
         return F.normalize(f, dim=-1) if normalize else f
 
 
+def wants_quick_gelu(name: str, pretrained: str | None) -> bool:
+    """True when the weights are OpenAI's and the architecture name does not already say QuickGELU."""
+    return pretrained is not None and "openai" in str(pretrained).lower() and "quickgelu" not in name.lower()
+
+
 def load_clip(name: str = "toy", pretrained: str | None = None, device: str | torch.device = "cpu",
-              dtype: torch.dtype = torch.float32) -> CLIP:
-    """Load an open_clip model by architecture name + pretrained tag/path, or a ``local-dir:`` folder."""
+              dtype: torch.dtype = torch.float32, quick_gelu: bool | None = None) -> CLIP:
+    """Load an open_clip model by architecture name + pretrained tag/path, or a ``local-dir:`` folder.
+
+    ``quick_gelu``: OpenAI's CLIP weights were trained with QuickGELU, but open_clip's plain
+    ``ViT-B-32`` config builds GELU (and only warns). ``None`` (auto) forces QuickGELU when the
+    weights are OpenAI's: ``pretrained="openai"`` or a weights path containing "openai".
+    """
     import open_clip
+
+    if quick_gelu is None:
+        quick_gelu = wants_quick_gelu(name, pretrained)
 
     if name == "toy":
         name = f"local-dir:{TOY_CLIP_DIR}"
-    key = (name, pretrained, str(device), str(dtype))
+    key = (name, pretrained, str(device), str(dtype), quick_gelu)
     if key in _CACHE:
         return _CACHE[key]
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device)
+        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device,
+                                                                     force_quick_gelu=bool(quick_gelu))
     except Exception as e:
         raise RuntimeError(
             f"could not load CLIP {name!r} (pretrained={pretrained!r}): {e}. Offline, pass a local weights file as "

@@ -40,6 +40,14 @@ Differences from the reference that do not change results: no gradients of U-Net
 parameters, no extra no-grad U-Net calls when λ4 = 0, features are kept in the compute
 dtype on the device (``offload_features=true`` moves them to the CPU), and the whole loop
 is written without the reference's one-step lag.
+
+Differences that can, each a config switch: the VAE posterior *mean* is encoded
+(``encode=mean``; the reference draws an unseeded sample: ``encode=sample`` draws a seeded
+one); the aspect ratio is kept (``resize_mode=keep_aspect``; the reference resizes to a
+square: ``square``); the guidance CLIP runs in the model's dtype (the reference: fp16 CLIP
+on CUDA with SD in fp32; run OIG with ``dtype=fp32``, as ``experiment=table1`` does: its
+gradients underflow in fp16); no safety checker blacks out outputs. The CLIP resize is
+bicubic without antialiasing (torchvision < 0.17 tensor semantics).
 """
 
 from __future__ import annotations
