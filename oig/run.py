@@ -103,6 +103,10 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict:
             cfg.paths.output_dir = str(output_dir)
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if cfg.get("deterministic"):  # GPU: deterministic kernels (slower); CPU runs are deterministic anyway
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
     models = load_sd(cfg.model.pretrained, device=cfg.device, dtype=cfg.dtype, revision=cfg.model.get("revision"))

@@ -199,3 +199,12 @@ def test_no_print_or_cuda_calls_in_library():
         if re.search(r"^\s*print\(", src, re.M) or ".cuda()" in src:
             offenders.append(str(f.relative_to(root)))
     assert offenders == []
+
+
+def test_ids_never_escape_the_run_folder():
+    from oig.run import safe_id
+
+    for bad in ("../../etc/passwd", "/abs/path", "..", ".hidden", "a/b\\c", "x" * 400, ""):
+        sid = safe_id(bad)
+        assert "/" not in sid and "\\" not in sid and not sid.startswith(".") and sid not in ("", "..")
+        assert len(sid) <= 150
