@@ -26,9 +26,20 @@ class InversionCache:
     def __init__(self, root: str | Path, enabled: bool = True):
         self.root = Path(root)
         self.enabled = enabled
-        self.hits = 0
-        self.misses = 0
+        self.counts: dict[str, list[int]] = {}  # kind -> [hits, misses]
         self.writes = 0
+
+    @property
+    def hits(self) -> int:
+        """Inversion hits (kind ``inversion``); other kinds are in :meth:`stats`."""
+        return self.counts.get("inversion", [0, 0])[0]
+
+    @property
+    def misses(self) -> int:
+        return self.counts.get("inversion", [0, 0])[1]
+
+    def _count(self, kind: str, hit: bool):
+        self.counts.setdefault(kind, [0, 0])[0 if hit else 1] += 1
 
     @staticmethod
     def key(**fields) -> str:
@@ -40,21 +51,22 @@ class InversionCache:
             raise ValueError(f"invalid cache key {key!r}")  # keys never become arbitrary paths
         return self.root / key[:2] / f"{key}.safetensors"
 
-    def get(self, key: str, device=None) -> dict[str, torch.Tensor] | None:
+    def get(self, key: str, device=None, kind: str = "inversion") -> dict[str, torch.Tensor] | None:
+        """The entry or None. ``kind`` only sorts the hit/miss counters (inversion, reconstruction, ...)."""
         if not self.enabled:
-            self.misses += 1
+            self._count(kind, False)
             return None
         p = self.path(key)
         if not p.exists():
-            self.misses += 1
+            self._count(kind, False)
             return None
         try:
             out = load_file(str(p), device=str(device) if device is not None else "cpu")
         except Exception as e:  # a damaged entry is recomputed, not fatal
             log.warning("inversion cache: unreadable entry %s (%s); recomputing", p, e)
-            self.misses += 1
+            self._count(kind, False)
             return None
-        self.hits += 1
+        self._count(kind, True)
         return out
 
     def put(self, key: str, tensors: dict[str, torch.Tensor]):
@@ -74,4 +86,9 @@ class InversionCache:
                 os.unlink(tmp)
 
     def stats(self) -> dict[str, int]:
-        return {"cache_hits": self.hits, "cache_misses": self.misses}
+        """``cache_hits`` / ``cache_misses`` for inversions, ``cache_<kind>_hits`` / ``_misses`` for the rest."""
+        out = {"cache_hits": self.hits, "cache_misses": self.misses}
+        for kind, (h, m) in self.counts.items():
+            if kind != "inversion":
+                out[f"cache_{kind}_hits"], out[f"cache_{kind}_misses"] = h, m
+        return out

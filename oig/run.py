@@ -141,7 +141,7 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict:
                "dataset": getattr(dataset, "name", type(dataset).__name__), "seed": int(cfg.seed),
                "status": "ok", "error": None}
         row.update({f"hp_{k}": v for k, v in hp.items()})
-        h0, m0 = cache.hits, cache.misses
+        c0 = cache.stats()
         images = {}
         try:
             if sample.error:
@@ -174,7 +174,7 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict:
             row["status"], row["error"] = "error", one_line(e)
             n_err += 1
             log.warning("%s: %s", sid, row["error"])
-        row["cache_hits"], row["cache_misses"] = cache.hits - h0, cache.misses - m0
+        row.update({k: v - c0.get(k, 0) for k, v in cache.stats().items()})
         if cfg.save_images and images:
             d = out / "images" / sid
             d.mkdir(parents=True, exist_ok=True)
@@ -193,7 +193,7 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict:
         df.to_parquet(out / "results.parquet", index=False)
     summary = summarize(df)
     summary.update(method=method, samples=len(df), new_samples=n_new, errors=int((df.get("status") == "error").sum()) if len(df) else 0,
-                   run_seconds=round(time.perf_counter() - t_run, 2), cache_hits=cache.hits, cache_misses=cache.misses)
+                   run_seconds=round(time.perf_counter() - t_run, 2), **cache.stats())
     (out / "summary.json").write_text(json.dumps({k: _jsonable(v) for k, v in summary.items()}, indent=2))
     if cfg.save_images:
         _grid(out, df, cfg.grid_rows, make_grid)
@@ -205,7 +205,7 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict:
     return summary
 
 
-NON_METRIC = ("seed", "cache_hits", "cache_misses")
+NON_METRIC = ("seed",)
 
 
 def summarize(df: pd.DataFrame) -> dict:
@@ -215,7 +215,7 @@ def summarize(df: pd.DataFrame) -> dict:
     ok = df[df["status"] == "ok"]
     out = {}
     for c in ok.columns:
-        if c.startswith("hp_") or c in NON_METRIC or not pd.api.types.is_numeric_dtype(ok[c]):
+        if c.startswith(("hp_", "cache_")) or c in NON_METRIC or not pd.api.types.is_numeric_dtype(ok[c]):
             continue
         v = ok[c].replace([np.inf, -np.inf], np.nan)
         if pd.api.types.is_bool_dtype(ok[c]):

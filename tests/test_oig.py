@@ -135,3 +135,17 @@ def test_ablation_switches_validate_and_change_output(tiny_models, rand_image, t
     off = OIG(**{**base, "clip_term": "off", "struct_term": "off"}).bind(tiny_models)
     ws = get_editor("ddim_word_swap")(steps=STEPS).bind(tiny_models)
     assert np.array_equal(np.asarray(off(_req(rand_image)).image), np.asarray(ws(_req(rand_image)).image))
+
+
+def test_cached_reconstruction_gives_the_same_edit(tiny_models, rand_image, tiny_clip, tmp_path):
+    from oig.cache import InversionCache
+
+    cache = InversionCache(tmp_path)
+    ed = OIG(lambda1=0.3, lambda2=1.0, steps=STEPS, clip_model=tiny_clip).bind(tiny_models, cache=cache)
+    a, b = ed(_req(rand_image)), ed(_req(rand_image))
+    assert not a.info["reconstruction_cached"] and b.info["reconstruction_cached"] and b.info["inversion_cached"]
+    assert np.array_equal(np.asarray(a.image), np.asarray(b.image))
+    assert np.array_equal(np.asarray(a.reconstruction), np.asarray(b.reconstruction))
+    assert cache.stats()["cache_reconstruction_hits"] == 1
+    uncached = OIG(lambda1=0.3, lambda2=1.0, steps=STEPS, clip_model=tiny_clip).bind(tiny_models)
+    assert np.array_equal(np.asarray(uncached(_req(rand_image)).image), np.asarray(a.image))

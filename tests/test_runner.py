@@ -83,14 +83,18 @@ def test_same_config_same_seed_bit_identical(tiny_sd_path, tmp_path):
 def test_each_inversion_computed_once_across_methods_and_sweep(tiny_sd_path, tmp_path):
     runs = [["method=ddim_word_swap"], ["method=ddim_recon"]] + [
         ["method=oig", f"method.lambda2={v}", "method.lambda1=0"] for v in (0.5, 1.0, 2.0)]
-    misses = hits = 0
+    misses = hits = rmiss = rhit = 0
     for k, ov in enumerate(runs):
         run(_cfg(_base(tiny_sd_path, tmp_path, *ov)), output_dir=tmp_path / f"r{k}")
         df = pd.read_parquet(tmp_path / f"r{k}" / "results.parquet")
         misses += int(df.cache_misses.sum())
         hits += int(df.cache_hits.sum())
+        if "cache_reconstruction_misses" in df:
+            rmiss += int(df.cache_reconstruction_misses.sum())
+            rhit += int(df.cache_reconstruction_hits.sum())
     assert misses == 4  # one inversion per sample, ever
     assert hits == 4 * (len(runs) - 1)
+    assert (rmiss, rhit) == (4, 8)  # OIG's reconstruction pass: once per sample across the λ2 sweep
 
 
 def _cli(args, **kw):
