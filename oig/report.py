@@ -53,7 +53,7 @@ COST_DIRECTION = {"time_total": "lower", "peak_mem_mb": "lower"}
 #: numeric row columns that are identifiers, not measurements
 NOT_MEASURED = ("seed",)
 #: trade-off plot axes: the first column present (with values) is used
-TRADEOFF_Y = ("clip_acc", "clip_score", "toy_edit_success")
+TRADEOFF_Y = ("clip_score", "clip_acc", "toy_edit_success")  # a continuous CLIP metric first (clip_acc saturates)
 TRADEOFF_X = ("structure_dist", "toy_center_err", "toy_bg_mse", "bg_lpips")
 #: display order of methods (others follow alphabetically)
 METHOD_ORDER = ("ddim_recon", "ddim_word_swap", "sdedit", "diffedit", "pix2pix_zero", "pnp", "masactrl",
@@ -490,12 +490,18 @@ def tradeoff_figures(df: pd.DataFrame, stats: pd.DataFrame | None = None, x: str
         fig = new_figure((4.8, 3.8))
         ax = fig.subplots()
         xs, ys = [p[1] for p in pts], [p[2] for p in pts]
+        # 95% CIs across samples are drawn light: they include between-image spread, which is
+        # shared by every setting (the same images), so the trend is the line, not the bars
         ax.errorbar(xs, ys, xerr=[0 if math.isnan(p[3]) else p[3] for p in pts],
-                    yerr=[0 if math.isnan(p[4]) else p[4] for p in pts], fmt="o-" if one_numeric else "o",
-                    capsize=2, lw=1, ms=4)
-        for s, px, py, _, _ in pts:
-            ax.annotate(_column_label("", s).strip(), (px, py), textcoords="offset points", xytext=(4, 4),
-                        fontsize=7)
+                    yerr=[0 if math.isnan(p[4]) else p[4] for p in pts], fmt="none", ecolor="0.75",
+                    capsize=2, lw=0.8, zorder=1)
+        ax.plot(xs, ys, "o-" if one_numeric else "o", lw=1.2, ms=4, zorder=2)
+        for j, (s, px, py, _, _) in enumerate(pts):
+            label = _column_label("", s).strip()
+            if one_numeric and "=" in label:
+                label = label.split("=", 1)[1]
+            ax.annotate(label, (px, py), textcoords="offset points", xytext=(4, 6 if j % 2 == 0 else -10),
+                        fontsize=7, zorder=3)
         ax.set_xlabel(x + _arrow(x))
         ax.set_ylabel(y + _arrow(y))
         what = GREEK.get(_hp_name(hps[0]), _hp_name(hps[0])) if one_numeric else "settings"
