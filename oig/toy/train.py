@@ -326,7 +326,7 @@ def train_unet(steps: int = 4000, bs: int = 32, lr: float = 5e-4, bank_size: int
     _save_sd_folder(tr.ema["unet"], tr.ema["text_encoder"], tok)
 
 
-def train_ip2p(steps: int = 1500, bs: int = 32, lr: float = 3e-4, bank_size: int = 12000):
+def train_ip2p(steps: int = 2000, bs: int = 32, lr: float = 3e-4, bank_size: int = 12000):
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -360,7 +360,7 @@ CLIP_MEAN = (0.55, 0.5, 0.45)
 CLIP_STD = (0.27, 0.27, 0.3)
 
 
-def train_clip(steps: int = 1500, bs: int = 128, lr: float = 1e-3):
+def train_clip(steps: int = 1000, bs: int = 128, lr: float = 1e-3):
     import open_clip
     from safetensors.torch import save_file
 
