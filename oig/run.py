@@ -251,9 +251,13 @@ def _grid(out: Path, df: pd.DataFrame, n: int, make_grid):
 def main():
     import hydra
 
+    # the importable module's function (not __main__'s under `python -m oig.run`), so that
+    # process launchers (joblib/loky, submitit) pickle it by reference
+    from oig.run import run as run_
+
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
     def _main(cfg: DictConfig):
-        return run(cfg)
+        return run_(cfg)
 
     _main()
 
