@@ -10,7 +10,7 @@ from oig.image import load_image
 from oig.types import Sample
 
 from .base import EditDataset, SampleError, cell, fit_mask, load_mask, read_table
-from .prompts import Captioner, make_captioner, make_text_encoder, swap_details
+from .prompts import Captioner, LazyTextEncoder, make_captioner, swap_details
 from .tasks import Task, get_task
 
 log = logging.getLogger(__name__)
@@ -58,8 +58,7 @@ class FolderDataset(EditDataset):
             raise FileNotFoundError(f"{self.path}: image folder not found")
         self.captioner: Captioner | None = make_captioner(captioner)
         self.task: Task | None = get_task(task) if task is not None else None
-        self._swap_clip_spec = (swap_clip, swap_clip_pretrained)
-        self._text_encoder = None
+        self._swap_clip = LazyTextEncoder(swap_clip, swap_clip_pretrained)
         if prompts_file is not None:
             pf = Path(prompts_file).expanduser()
             self.prompts_file = pf if pf.is_absolute() else self.path / pf
@@ -109,9 +108,7 @@ class FolderDataset(EditDataset):
                 "task": cell(r, "task") or (t.name if t else ""), "meta": {"file": cell(r, "file")}}
 
     def text_encoder(self):
-        if self._text_encoder is None and self._swap_clip_spec[0] is not None:
-            self._text_encoder = make_text_encoder(*self._swap_clip_spec)
-        return self._text_encoder
+        return self._swap_clip.get()
 
     def _load(self, sid: str, r) -> Sample:
         d = self._describe(r)

@@ -51,7 +51,7 @@ from oig.image import load_image
 from oig.types import Sample
 
 from .base import EditDataset, SampleError, as_str_list, one_line, plain
-from .prompts import _phrase_pattern, make_captioner, make_text_encoder, swap_details, word_swap
+from .prompts import LazyTextEncoder, _phrase_pattern, make_captioner, swap_details, word_swap
 from .tasks import get_tasks, load_tasks_file
 
 log = logging.getLogger(__name__)
@@ -406,8 +406,7 @@ class LaionTasks(EditDataset):
         self.captioner = make_captioner(captioner)
         if source_prompts == "captioner" and self.captioner is None:
             raise ValueError("source_prompts='captioner' needs a captioner (e.g. Salesforce/blip-image-captioning-base)")
-        self._swap_clip_spec = (swap_clip, swap_clip_pretrained)
-        self._text_encoder = None
+        self._swap_clip = LazyTextEncoder(swap_clip, swap_clip_pretrained)
         df = read_manifest(self.manifest_path)
         names = as_str_list(tasks, "tasks")
         if names is not None:
@@ -433,9 +432,7 @@ class LaionTasks(EditDataset):
                 "instruction": r.get("instruction") or None, "task": r["task"], "meta": meta}
 
     def text_encoder(self):
-        if self._text_encoder is None and self._swap_clip_spec[0] is not None:
-            self._text_encoder = make_text_encoder(*self._swap_clip_spec)
-        return self._text_encoder
+        return self._swap_clip.get()
 
     def _load(self, sid: str, r) -> Sample:
         d = self._describe(r)

@@ -311,3 +311,16 @@ def make_text_encoder(spec, pretrained: str | None = None, device: str = "cpu"):
 
         return load_clip(spec, pretrained, device=device)
     raise TypeError(f"text encoder must be None, a CLIP name or an object with encode_text; got {type(spec).__name__}")
+
+
+class LazyTextEncoder:
+    """The word-swap fallback's CLIP, built on first use (datasets whose captions all contain the
+    source word never load it)."""
+
+    def __init__(self, spec, pretrained: str | None = None):
+        self.spec, self.pretrained, self._enc = spec, pretrained, None
+
+    def get(self):
+        if self._enc is None and self.spec is not None:
+            self._enc = make_text_encoder(self.spec, self.pretrained)
+        return self._enc
