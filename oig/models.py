@@ -8,6 +8,7 @@ loaded by diffusers/transformers ``from_pretrained`` exactly as the toy folder i
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass
@@ -144,18 +145,29 @@ def load_sd(
     if local_files_only is None:
         local_files_only = Path(path).is_dir() or os.environ.get("HF_HUB_OFFLINE") == "1"
     kw = dict(revision=revision, local_files_only=local_files_only)
+    if unet is not None and resolve_path(unet) != path:
+        # another U-Net on the same VAE / text encoder: share the (memoised) base components
+        base = load_sd(pretrained, device, dtype, revision, None, local_files_only)
+        try:
+            unet_m = UNet2DConditionModel.from_pretrained(resolve_path(unet), subfolder="unet", torch_dtype=dt,
+                                                          local_files_only=Path(resolve_path(unet)).is_dir() or local_files_only)
+        except (OSError, ValueError, EnvironmentError) as e:
+            raise _missing(unet, e) from e
+        unet_m.to(dev).eval().requires_grad_(False)
+        models = dataclasses.replace(base, unet=unet_m, model_id=f"{path}+{unet}")
+        _CACHE[key] = models
+        return models
     try:
         tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kw)
         text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=dt, **kw)
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dt, **kw)
-        upath = resolve_path(unet) if unet else path
-        unet_m = UNet2DConditionModel.from_pretrained(upath, subfolder="unet", torch_dtype=dt, **kw)
+        unet_m = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dt, **kw)
         scheduler = DDIMScheduler.from_pretrained(path, subfolder="scheduler", **kw)
     except (OSError, ValueError, EnvironmentError) as e:
         raise _missing(pretrained if pretrained == path else f"{pretrained} ({path})", e) from e
     for m in (text_encoder, vae, unet_m):
         m.to(dev).eval().requires_grad_(False)
-    models = SDModels(vae, unet_m, text_encoder, tokenizer, scheduler, dev, dt, path if unet is None else f"{path}+{unet}", revision)
+    models = SDModels(vae, unet_m, text_encoder, tokenizer, scheduler, dev, dt, path, revision)
     log.info("loaded %s on %s (%s), resolution %d", models.model_id, dev, dt, models.resolution)
     _CACHE[key] = models
     return models

@@ -208,3 +208,15 @@ def test_ids_never_escape_the_run_folder():
         sid = safe_id(bad)
         assert "/" not in sid and "\\" not in sid and not sid.startswith(".") and sid not in ("", "..")
         assert len(sid) <= 150
+
+
+def test_other_unet_shares_the_base_components(tiny_sd_path, tiny_models, tmp_path):
+    from oig.testing import make_tiny_sd
+
+    ip = make_tiny_sd(tmp_path / "ip2p", in_channels=8)
+    m = load_sd(tiny_sd_path, device="cpu", dtype="fp32", unet=str(ip))
+    assert m.unet.config.in_channels == 8 and m.unet is not tiny_models.unet
+    assert m.vae is tiny_models.vae and m.text_encoder is tiny_models.text_encoder  # loaded once
+    assert m.model_id.endswith(f"+{ip}") and not any(p.requires_grad for p in m.unet.parameters())
+    with pytest.raises(WeightsNotFoundError, match="no-such-unet"):
+        load_sd(tiny_sd_path, device="cpu", dtype="fp32", unet=str(tmp_path / "no-such-unet"))
