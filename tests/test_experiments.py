@@ -12,6 +12,7 @@ import os
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -262,8 +263,16 @@ def test_wandb_offline_run_has_config_summary_and_sample_table(tmp_path, tiny_sd
     summary = oig.run.run(cfg, output_dir=out)
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1, list((out / "wandb").iterdir())
-    recs = list(wandb_records(next(runs[0].glob("run-*.wandb"))))
-    run = next(r.run for r in recs if r.WhichOneof("record_type") == "run")
+    # wandb's service process may still be flushing the log when finish() returns under load: poll
+    deadline = time.time() + 30
+    while True:
+        recs = list(wandb_records(next(runs[0].glob("run-*.wandb"))))
+        kinds = {r.WhichOneof("record_type") for r in recs}
+        if {"run", "summary"} <= kinds or time.time() > deadline:
+            break
+        time.sleep(0.5)
+    run = next((r.run for r in recs if r.WhichOneof("record_type") == "run"), None)
+    assert run is not None, f"no run record in the offline log; record types: {sorted(map(str, kinds))}"
     assert run.project == "oig" and run.display_name == "sdedit-0_sdedit"
     assert run.run_group == "2025-01-01_00-00-00_test"  # runs of one multirun folder share a group
     config = {_item_key(i): json.loads(i.value_json) for i in run.config.update}
