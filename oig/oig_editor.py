@@ -163,9 +163,7 @@ class OIG(Editor):
         x = xT
         with FeatureHooks(unet, self.layer_names) as fh:
             for k, t in enumerate(tqdm(ts, desc="reconstruct", disable=not c.progress, leave=False)):
-                out = unet(torch.cat([x, x]), t, encoder_hidden_states=emb_src2).sample
-                e_neg, e_cond = out.chunk(2)
-                eps = e_neg + self.guidance * (e_cond - e_neg)
+                eps = c.eps(x, t, emb_src2[1:], emb_src2[:1], self.guidance)
                 f = fh.pop()
                 if self.offload_features:
                     f = {n: v.to("cpu") for n, v in f.items()}

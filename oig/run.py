@@ -14,7 +14,6 @@ import json
 import logging
 import math
 import os
-import re
 import resource
 import tempfile
 import time
@@ -29,13 +28,14 @@ from tqdm.auto import tqdm
 log = logging.getLogger("oig.run")
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 def safe_id(s: str) -> str:
-    """A sample id as a file name: never a path, never hidden, never '..'."""
-    s = _SAFE.sub("_", str(s)).strip("._") or "sample"
-    return s[:150]
+    """A sample id as a file name: never a path, never hidden, never '..' (the datasets' own rule,
+    applied again so that no dataset can write outside the run folder)."""
+    from oig.data.base import sanitize_id
+
+    return sanitize_id(s)
 
 
 def _atomic_write(path: Path, data: bytes):
@@ -82,8 +82,10 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def one_line(e: BaseException) -> str:
-    msg = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {msg[0] if msg else ''}"[:500]
+    """``Type: message`` on one line, for the ``error`` column."""
+    from oig.data.base import one_line as flat
+
+    return f"{type(e).__name__}: {flat(str(e))}"[:500]
 
 
 def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict:
@@ -209,19 +211,19 @@ NON_METRIC = ("seed",)
 
 
 def summarize(df: pd.DataFrame) -> dict:
-    """Mean of every numeric metric/timing column over the ``ok`` rows (NaN excluded per column)."""
+    """Mean of every numeric metric/timing column over the ``ok`` rows, by the evaluation package's
+    one aggregation function (NaN excluded per column)."""
+    from eval.aggregate import aggregate
+
     if not len(df):
         return {}
     ok = df[df["status"] == "ok"]
-    out = {}
-    for c in ok.columns:
-        if c.startswith(("hp_", "cache_")) or c in NON_METRIC or not pd.api.types.is_numeric_dtype(ok[c]):
-            continue
-        v = ok[c].replace([np.inf, -np.inf], np.nan)
-        if pd.api.types.is_bool_dtype(ok[c]):
-            v = v.astype(float)
-        out[c] = float(v.mean()) if v.notna().any() else float("nan")
-    return out
+    cols = [c for c in ok.columns if not c.startswith(("hp_", "cache_")) and c not in NON_METRIC
+            and (pd.api.types.is_numeric_dtype(ok[c]) or pd.api.types.is_bool_dtype(ok[c]))]
+    if not len(ok) or not cols:
+        return {}
+    agg = aggregate(ok, by=[], metrics=cols)
+    return {r.metric: float(r.mean) for r in agg.itertuples()}
 
 
 def format_summary(summary: dict) -> str:
