@@ -21,8 +21,8 @@ ResNet block l of the U-Net's down and up blocks (the mid block excluded), w the
        L_dist   = λ1 L_clip + λ2 L_struct
        x_{t−Δ}  = DDIM(x_t, ε̂) − η_k ∇_{x_t} L_dist
 
-   The CFG forward runs on [x_t, x_t]; like the reference, the gradient is the one reaching
-   the first (negative-prompt) copy, while the loss value covers both halves (MSE over the
+   The CFG input is [x_t, x_t]; like the reference, the gradient is the one reaching the
+   first (negative-prompt) copy, while the loss value covers both halves (MSE over the
    [2, C, H, W] features). η_k = η(min(k+1, N−1)) with η(i) = 2(i+1)/(N/10) while
    i+1 < N/10, else 2·1.05^−(i+1)  (0.80, 1.20, 1.60, 1.567, … , 0.174 for N = 50).
 
@@ -37,9 +37,14 @@ with λ3 = 0.2 λ4 by default; the second's gradient (w.r.t. the source chain's 
 subtracted after each inverse step. λ4 = 0 gives OIG exactly.
 
 Differences from the reference that do not change results: no gradients of U-Net
-parameters, no extra no-grad U-Net calls when λ4 = 0, features are kept in the compute
-dtype on the device (``offload_features=true`` moves them to the CPU), and the whole loop
-is written without the reference's one-step lag.
+parameters; no extra no-grad U-Net calls when λ4 = 0; when the negative prompt is the
+source prompt (real images) the reconstruction runs one batch-1 forward per step
+(ε̂ = ε(x, y_src) exactly) and keeps one copy of the features; in the guided pass the CFG
+copy whose gradient is discarded runs without autograd, so only one copy is
+back-propagated; a hinge at 0 (no gradient) is left out of the backward, so when the CLIP
+hinge is inactive the VAE decoder and CLIP are not back-propagated; features are kept in
+the compute dtype on the device (``offload_features=true`` moves them to the CPU); and the
+whole loop is written without the reference's one-step lag.
 
 Differences that can, each a config switch: the VAE posterior *mean* is encoded
 (``encode=mean``; the reference draws an unseeded sample: ``encode=sample`` draws a seeded
@@ -157,13 +162,22 @@ class OIG(Editor):
 
     @torch.no_grad()
     def _reconstruct(self, xT, emb_src2, ts, d):
-        """Reconstruction pass with the source prompt; returns (x0 latent, S[k][layer])."""
+        """Reconstruction pass with the source prompt; returns (x0 latent, S[k][layer]).
+
+        When the negative prompt is the source prompt (real images), both CFG halves are the
+        same forward, ε̂ = ε(x, y_src) exactly, so one batch-1 forward per step is run and one
+        copy of the features is kept (the structure loss broadcasts it over both halves).
+        """
         c, unet = self.core, self.models.unet
+        same = torch.equal(emb_src2[:1], emb_src2[1:])
         feats = []
         x = xT
         with FeatureHooks(unet, self.layer_names) as fh:
             for k, t in enumerate(tqdm(ts, desc="reconstruct", disable=not c.progress, leave=False)):
-                eps = c.eps(x, t, emb_src2[1:], emb_src2[:1], self.guidance)
+                if same:
+                    eps = c.eps(x, t, emb_src2[1:])
+                else:
+                    eps = c.eps(x, t, emb_src2[1:], emb_src2[:1], self.guidance)
                 f = fh.pop()
                 if self.offload_features:
                     f = {n: v.to("cpu") for n, v in f.items()}
@@ -205,59 +219,102 @@ class OIG(Editor):
         return z_src, S, False
 
     def _clip_loss(self, x0, e_src, e_tgt):
+        """(L_clip before the hinge, L_clip): the pre-hinge value tells whether the term has a gradient."""
         img = self.core.decode(x0) / 2 + 0.5  # no clamp, as the reference
         v = self.clip.encode_image(img.to(self.clip.dtype), normalize=True)
         cos_t = (v * e_tgt).sum(-1)
         if self.clip_term == "target_only":
-            return (1 - cos_t).sum()
+            pre = (1 - cos_t).sum()
+            return pre, pre
         cos_s = (v * e_src).sum(-1)
-        return torch.clamp(cos_s - cos_t + self.beta_p, min=0).sum()
+        pre = (cos_s - cos_t + self.beta_p).sum()
+        return pre, torch.clamp(pre, min=0)
 
     def _struct_loss(self, F_now, S, P):
+        """L_struct, summed over layers; layers whose hinge is at 0 are left out of the sum
+        (their value and gradient are exactly 0), so their backward is never run."""
         loss = 0.0
         dev = self.models.device
         for n in self.layer_names:
-            pos = F.mse_loss(F_now[n], S[n].to(dev))
+            f = F_now[n]
+            s = S[n].to(dev)
+            pos = F.mse_loss(f, s.expand_as(f))  # a batch-1 S (same-prompt reconstruction) covers both halves
             if self.struct_term == "positive_only" or P is None:
                 loss = loss + self.beta_f * pos
-            else:
-                loss = loss + torch.clamp(self.beta_f * pos - F.mse_loss(F_now[n], P[n]), min=0)
+                continue
+            pre = self.beta_f * pos - F.mse_loss(f, P[n])
+            if pre.detach() >= 0:
+                loss = loss + pre
         return loss
 
-    def loss_at(self, X, t, emb2, S, P, e_src, e_tgt, fh, extra_loss=None):
-        """L_dist at the CFG input ``X = [x_t, x_t]`` (differentiable w.r.t. ``X``).
+    def _cfg_features(self, x_neg, x_cond, t, emb2, fh):
+        """ε(x_neg, y_neg), ε(x_cond, y_cond) and the hooked features of both ([2, ...], in that
+        order). One batch-2 forward when both copies (or neither) need a gradient; otherwise the
+        copy whose gradient is discarded runs without autograd, so only one copy is
+        back-propagated (same values and gradient, about half the backward cost and memory)."""
+        unet = self.models.unet
+        fh.pop()
+        if x_neg.requires_grad == x_cond.requires_grad:
+            out = unet(torch.cat([x_neg, x_cond]), t, encoder_hidden_states=emb2).sample
+            e_neg, e_cond = out.chunk(2)
+            return e_neg, e_cond, fh.pop()
+        outs, feats = [], []
+        for x, emb in ((x_neg, emb2[:1]), (x_cond, emb2[1:])):
+            with torch.set_grad_enabled(x.requires_grad and torch.is_grad_enabled()):
+                outs.append(unet(x, t, encoder_hidden_states=emb).sample)
+            feats.append(fh.pop())
+        return outs[0], outs[1], {n: torch.cat([feats[0][n], feats[1][n]]) for n in feats[0]}
+
+    def loss_at(self, x_neg, x_cond, t, emb2, S, P, e_src, e_tgt, fh, extra_loss=None):
+        """L_dist at the CFG pair: the reference's input ``[x_t, x_t]`` as its two copies
+        ``x_neg`` (negative prompt) and ``x_cond`` (target prompt), differentiable w.r.t. each
+        copy that requires grad. ``x̂0`` uses ``x_neg`` explicitly, as the reference's
+        ``_x.chunk(2)[0]``.
 
         Returns ``(loss, eps, features, x0_hat, parts)``; ``fh`` is the active FeatureHooks.
+        ``loss`` carries the terms that have a gradient (hinges at 0 are left out: their value
+        and gradient are 0); ``parts`` the value of each term.
         """
-        c, unet = self.core, self.models.unet
-        fh.pop()
-        out = unet(X, t, encoder_hidden_states=emb2).sample
-        e_neg, e_cond = out.chunk(2)
+        c = self.core
+        e_neg, e_cond, F_now = self._cfg_features(x_neg, x_cond, t, emb2, fh)
         eps = e_neg + self.guidance * (e_cond - e_neg)
-        F_now = fh.pop()
         a = c.abar(t)
-        x0 = (X[:1] - (1 - a) ** 0.5 * eps) / a**0.5
+        x0 = (x_neg - (1 - a) ** 0.5 * eps) / a**0.5
         parts = {}
-        loss = X.sum() * 0.0
+        loss = x_neg.sum() * 0.0
         if self.layer_names:
             parts["struct"] = self._struct_loss(F_now, S, P)
             loss = loss + self.lambda2 * parts["struct"]
         if self.clip is not None:
-            parts["clip"] = self._clip_loss(x0, e_src, e_tgt)
-            loss = loss + self.lambda1 * parts["clip"]
+            pre, parts["clip"] = self._clip_loss(x0, e_src, e_tgt)
+            if pre.detach() >= 0:
+                loss = loss + self.lambda1 * pre
         if extra_loss is not None:
             parts["cycle_tgt"] = extra_loss(x0)
             loss = loss + parts["cycle_tgt"]
         return loss, eps, F_now, x0, parts
 
+    def _has_guidance(self, extra_loss) -> bool:
+        return ((bool(self.layer_names) and self.lambda2 != 0) or (self.clip is not None and self.lambda1 != 0)
+                or extra_loss is not None)
+
     def _guided_step(self, x, k, t, d, emb2, S, P, e_src, e_tgt, eta, fh, extra_loss=None):
         """One guided step at τ_k. Returns (x_next, features for the next negative, x̂0, loss parts)."""
-        X = torch.cat([x, x]).detach().requires_grad_(True)
+        if not self._has_guidance(extra_loss):  # λ1 = λ2 = 0: nothing to differentiate, a plain CFG step
+            with torch.no_grad():
+                eps = self.core.eps(x, t, emb2[1:], emb2[:1], self.guidance)
+                F_now = fh.pop()
+                x_next, x0 = self.core.ddim_step(x, eps, t, t - d)
+            return x_next, F_now, x0, {}
+        x_neg = x.detach().requires_grad_(self.grad_branch in ("negative", "both"))
+        x_cond = x.detach().requires_grad_(self.grad_branch in ("conditional", "both"))
+        inputs = [v for v in (x_neg, x_cond) if v.requires_grad]
         with torch.enable_grad():
-            loss, eps, F_now, x0, parts = self.loss_at(X, t, emb2, S, P, e_src, e_tgt, fh, extra_loss)
-            (gX,) = torch.autograd.grad(loss, X)
-        g_neg, g_cond = gX.chunk(2)
-        g = {"negative": g_neg, "conditional": g_cond, "both": g_neg + g_cond}[self.grad_branch]
+            loss, eps, F_now, x0, parts = self.loss_at(x_neg, x_cond, t, emb2, S, P, e_src, e_tgt, fh, extra_loss)
+            if loss.requires_grad:
+                g = sum(torch.autograd.grad(loss, inputs, allow_unused=True, materialize_grads=True))
+            else:  # every hinge at 0: no gradient, no backward
+                g = torch.zeros_like(x)
         with torch.no_grad():
             x_next, _ = self.core.ddim_step(x, eps.detach(), t, t - d)
             x_next = x_next - eta * g

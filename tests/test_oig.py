@@ -43,7 +43,7 @@ def test_zero_lambdas_equal_ddim_word_swap(tiny_models, rand_image):
 
 
 def test_zero_lambdas_equal_word_swap_even_with_hooks(tiny_models, rand_image, tiny_clip):
-    """λ=0 but every term switched on still goes through the guided path (hooks, autograd) unchanged."""
+    """λ=0 with every term switched on (hooks installed, CLIP loaded) changes nothing."""
     ws = get_editor("ddim_word_swap")(steps=STEPS).bind(tiny_models)
     oig = OIG(lambda1=0.0, lambda2=0.0, steps=STEPS, clip_model=tiny_clip).bind(tiny_models)
     oig.layer_names = oig.layer_names or __import__("oig.features", fromlist=["x"]).resnet_layers(tiny_models.unet)
@@ -96,18 +96,24 @@ def test_gradient_matches_finite_differences(tiny_models, rand_image, tiny_clip)
             tiny_models.unet(torch.cat([x, x]) * 1.1, t, encoder_hidden_states=emb2)
             P = fh.pop()
 
-        def L(X):
-            return oig.loss_at(X, t, emb2, S, P, e_src, e_tgt, fh)[0]
+        def L(xn, xc):
+            return oig.loss_at(xn, xc, t, emb2, S, P, e_src, e_tgt, fh)[0]
 
-        X = torch.cat([x, x]).double().float().requires_grad_(True)
-        (gX,) = torch.autograd.grad(L(X), X)
+        # the reference's batch-2 forward: both copies differentiable, one U-Net call
+        xn, xc = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        g_neg, g_cond = torch.autograd.grad(L(xn, xc), (xn, xc))
+        # ours: only the negative copy is differentiated, the other copy runs without autograd
+        xn = x.clone().requires_grad_(True)
+        (g_split,) = torch.autograd.grad(L(xn, x), xn)
         d = torch.randn(x.shape, generator=g)
         h = 1e-2
         with torch.no_grad():
-            lp = L(torch.cat([x + h * d, x]))
-            lm = L(torch.cat([x - h * d, x]))
+            lp = L(x + h * d, x)
+            lm = L(x - h * d, x)
+    torch.testing.assert_close(g_split, g_neg, rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(g_neg, g_cond)
     fd = float((lp - lm) / (2 * h))
-    an = float((gX[:1] * d).sum())
+    an = float((g_neg * d).sum())
     assert abs(an) > 1e-4
     assert fd == pytest.approx(an, rel=0.05, abs=1e-4)
 
@@ -149,3 +155,40 @@ def test_cached_reconstruction_gives_the_same_edit(tiny_models, rand_image, tiny
     assert cache.stats()["cache_reconstruction_hits"] == 1
     uncached = OIG(lambda1=0.3, lambda2=1.0, steps=STEPS, clip_model=tiny_clip).bind(tiny_models)
     assert np.array_equal(np.asarray(uncached(_req(rand_image)).image), np.asarray(a.image))
+
+
+def test_same_prompt_reconstruction_is_one_forward_per_step(tiny_models, rand_image):
+    """Real images: negative = source prompt, so ε̂ = ε(x, y_src); the batch-1 pass equals CFG sampling."""
+    oig = OIG(lambda1=0.0, lambda2=1.0, steps=STEPS).bind(tiny_models)
+    c = oig.core
+    ts, d = c.timesteps(STEPS), c.step_size(STEPS)
+    emb = c.encode_text(["a red circle on a gray background"])
+    xT = c.noise((1, 4, 8, 8), 3)
+    calls = []
+    h = tiny_models.unet.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    try:
+        z, S = oig._reconstruct(xT, torch.cat([emb, emb]), ts, d)
+    finally:
+        h.remove()
+    assert calls == [1] * STEPS
+    assert all(v.shape[0] == 1 for s in S for v in s.values())
+    ref = c.sample(xT, emb, emb, oig.guidance, STEPS)
+    torch.testing.assert_close(z, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_inactive_hinges_change_nothing(tiny_models, rand_image, tiny_clip):
+    """A hinge at 0 has no gradient: left out of the backward, the edit equals the one without that term."""
+    base = dict(steps=STEPS, clip_model=tiny_clip)
+    no_clip = np.asarray(OIG(lambda1=0.0, lambda2=1.0, **base).bind(tiny_models)(_req(rand_image)).image)
+    r = OIG(lambda1=0.5, lambda2=1.0, beta_p=-10.0, **base).bind(tiny_models)(_req(rand_image))
+    assert r.info["loss_clip_mean"] == 0.0
+    assert np.array_equal(np.asarray(r.image), no_clip)
+    # β_f = 0: every hinge after the first step is at 0 (skipped); the same edit as computing
+    # the zero gradient of the positive-only term, and (up to float rounding of the split CFG
+    # forward) plain word swap
+    r = OIG(lambda1=0.0, lambda2=1.0, beta_f=0.0, **base).bind(tiny_models)(_req(rand_image))
+    pos = OIG(lambda1=0.0, lambda2=1.0, beta_f=0.0, struct_term="positive_only", **base).bind(tiny_models)
+    assert r.info["loss_struct_mean"] == 0.0
+    assert np.array_equal(np.asarray(r.image), np.asarray(pos(_req(rand_image)).image))
+    ws = np.asarray(get_editor("ddim_word_swap")(steps=STEPS).bind(tiny_models)(_req(rand_image)).image)
+    assert np.abs(np.asarray(r.image).astype(int) - ws).max() <= 2
