@@ -6,6 +6,11 @@ Prints the wall-clock seconds of each and the ratio (target: OIG <= 4.5x the pla
 twice: ``cold`` (the whole edit: inversion, reconstruction, guided pass) and ``warm`` (the
 source's inversion and reconstruction come from the content cache, as in every sweep point
 after the first). The phases are printed too. The first call of each is a warm-up.
+
+It also times the pieces every guided step must compute (U-Net forward of both CFG copies,
+U-Net backward of one copy, VAE decoder and CLIP forward + backward) and prints
+``floor_ratio_cold``: the ratio an implementation with zero overhead would reach, i.e. what
+the algorithm itself costs on this model and device.
 """
 
 from __future__ import annotations
@@ -78,6 +83,7 @@ def main(argv=None):
         phases.update(r.timings)
         return time.perf_counter() - t
 
+    comp = components(models, core, editor, shape, cond, neg, a.repeats)
     plain(), oig()  # warm-up
     tp_ = [plain() for _ in range(a.repeats)]
     to_ = [oig() for _ in range(a.repeats)]
@@ -96,9 +102,53 @@ def main(argv=None):
         "ratio_cold": statistics.median(to_) / statistics.median(tp_),
         "oig_edit_warm_s": statistics.median(tw_), "ratio_warm": statistics.median(tw_) / statistics.median(tp_),
         "oig_phases_cold_s": {k: round(v, 3) for k, v in cold_phases.items()},
+        "step_components_ms": {k: round(v * 1e3, 3) for k, v in comp.items()},
     }
+    n = a.steps
+    # inversion (n - 2 batch-1 calls, official index convention) + batch-1 reconstruction (n) + n guided steps
+    floor = ((2 * n - 2) * comp["unet_fwd_b1"] + n * (comp["unet_fwd_b1"] + comp["unet_fwd_bwd_b1"] + comp["vae_clip_fwd_bwd"]))
+    res["floor_ratio_cold"] = floor / res["plain_sampling_s"]
     log.info(json.dumps(res, indent=2))
     return res
+
+
+def components(models, core, editor, shape, cond, neg, repeats):
+    """Median seconds of the pieces of one guided step (see the module docstring)."""
+    unet, t = models.unet, core.timesteps(50)[10]
+    x = core.noise(shape, 1)
+    e_src = e_tgt = editor.clip.encode_text(["a"]) if editor.clip is not None else None
+
+    def timed(fn):
+        fn()
+        out = []
+        for _ in range(max(repeats, 3) * 5):
+            _sync()
+            t0 = time.perf_counter()
+            fn()
+            _sync()
+            out.append(time.perf_counter() - t0)
+        return statistics.median(out)
+
+    def fwd_b1():
+        with torch.no_grad():
+            unet(x, t, encoder_hidden_states=cond)
+
+    def fwd_b2():
+        with torch.no_grad():
+            unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([neg, cond]))
+
+    def fwd_bwd_b1():
+        xg = x.detach().requires_grad_(True)
+        torch.autograd.grad(unet(xg, t, encoder_hidden_states=cond).sample.square().sum(), xg)
+
+    def vae_clip():
+        xg = x.detach().requires_grad_(True)
+        img = core.decode(xg) / 2 + 0.5
+        loss = editor.clip.encode_image(img.to(editor.clip.dtype)) @ (e_src - e_tgt).T if e_src is not None else img.sum()
+        torch.autograd.grad(loss.sum(), xg)
+
+    return {"unet_fwd_b2": timed(fwd_b2), "unet_fwd_b1": timed(fwd_b1), "unet_fwd_bwd_b1": timed(fwd_bwd_b1),
+            "vae_clip_fwd_bwd": timed(vae_clip)}
 
 
 if __name__ == "__main__":

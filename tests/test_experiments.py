@@ -305,3 +305,14 @@ def test_wandb_offline_run_has_config_summary_and_sample_table(tmp_path, tiny_sd
         assert Path(e.local_path).is_relative_to(tmp_path / "wandb_data")
         with Image.open(e.local_path) as im:
             assert im.size == (16, 16)
+
+
+def test_oig_benchmark_reports_ratios_and_the_compute_floor(tiny_sd_path, tiny_clip):
+    from experiments.bench_oig import main
+
+    r = main(["--model", str(tiny_sd_path), "--clip", tiny_clip, "--steps", "4", "--repeats", "1"])
+    assert r["plain_sampling_s"] > 0 and r["oig_edit_cold_s"] > 0 and r["oig_edit_warm_s"] > 0
+    assert r["ratio_cold"] == pytest.approx(r["oig_edit_cold_s"] / r["plain_sampling_s"])
+    assert set(r["oig_phases_cold_s"]) >= {"inversion", "reconstruction", "editing"}
+    assert set(r["step_components_ms"]) == {"unet_fwd_b2", "unet_fwd_b1", "unet_fwd_bwd_b1", "vae_clip_fwd_bwd"}
+    assert 0 < r["floor_ratio_cold"]
