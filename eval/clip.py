@@ -8,6 +8,9 @@ product):
   ``CLIPScore`` convention (per sample, before averaging).
 * ``clip_acc``    = 1.0 if cos(E_I(edit), E_T(target)) > cos(E_I(edit), E_T(source)) else 0.0
   -- pix2pix-zero's CLIP accuracy (ties count as failures); its mean is the accuracy.
+* ``clip_margin`` = 100 * (cos(E_I(edit), E_T(target)) - cos(E_I(edit), E_T(source))) -- the
+  continuous quantity whose sign is ``clip_acc`` and which OIG's CLIP triplet term pushes up
+  (its hinge is max(0, β_p - margin/100)); unlike ``clip_acc`` it does not saturate.
 * ``clip_dir``    = cos(E_I(edit) - E_I(source), E_T(target) - E_T(source)) -- InstructPix2Pix's
   directional CLIP similarity (differences of normalised embeddings; a zero direction gives 0,
   as ``torch.nn.functional.cosine_similarity`` does in the reference).
@@ -160,7 +163,7 @@ def masked_region(edit: Image.Image, mask: np.ndarray) -> Image.Image:
 
 @register_metric("clip")
 class CLIPMetrics(Metric):
-    """CLIP score / accuracy / direction / image similarity / edited-region score (see module docstring).
+    """CLIP score / accuracy / margin / direction / image similarity / edited-region score (see module docstring).
 
     Args:
         model, pretrained: the CLIP (``oig.clip.load_clip`` arguments for ``backend="open_clip"``;
@@ -170,7 +173,7 @@ class CLIPMetrics(Metric):
             to edited) for ``clip_edit_region``.
     """
 
-    ALL_KEYS = ("clip_score", "clip_acc", "clip_dir", "clip_img_sim", "clip_edit_region")
+    ALL_KEYS = ("clip_score", "clip_acc", "clip_margin", "clip_dir", "clip_img_sim", "clip_edit_region")
 
     def __init__(self, model: str = "toy", pretrained: str | None = None, backend: str = "open_clip",
                  keys: list[str] | None = None, region_convention: str = "plain", batch_size: int = 32):
@@ -208,10 +211,13 @@ class CLIPMetrics(Metric):
         out: dict[str, torch.Tensor] = {}
         if "clip_score" in keys:
             out["clip_score"] = clip_scores(e_edit, t_tgt)
-        if keys & {"clip_acc", "clip_dir"}:
+        if keys & {"clip_acc", "clip_margin", "clip_dir"}:
             t_src = self._texts([s.source_prompt for s in batch])
+            cos_t, cos_s = (e_edit * t_tgt).sum(-1), (e_edit * t_src).sum(-1)
             if "clip_acc" in keys:
-                out["clip_acc"] = ((e_edit * t_tgt).sum(-1) > (e_edit * t_src).sum(-1)).float()
+                out["clip_acc"] = (cos_t > cos_s).float()
+            if "clip_margin" in keys:
+                out["clip_margin"] = 100.0 * (cos_t - cos_s)
         if keys & {"clip_dir", "clip_img_sim"}:
             e_src = self.encoder.encode_images([s.source for s in batch])
             if "clip_dir" in keys:

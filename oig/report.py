@@ -39,7 +39,7 @@ log = logging.getLogger("oig.report")
 
 #: quality metrics in table order, with the direction that is better
 METRIC_DIRECTION = {
-    "clip_acc": "higher", "clip_score": "higher", "clip_edit_region": "higher", "clip_dir": "higher",
+    "clip_acc": "higher", "clip_margin": "higher", "clip_score": "higher", "clip_edit_region": "higher", "clip_dir": "higher",
     "clip_img_sim": "higher", "structure_dist": "lower", "bg_lpips": "lower", "bg_psnr": "higher",
     "bg_ssim": "higher", "bg_mse": "lower", "toy_edit_success": "higher", "toy_attrs_kept": "higher",
     "toy_structure_kept": "higher", "toy_iou": "higher", "toy_center_err": "lower", "toy_bg_psnr": "higher",

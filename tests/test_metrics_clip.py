@@ -133,6 +133,7 @@ def test_open_clip_metrics_equal_direct_computation(tiny_clip):
         cos_t, cos_s = float(e_edit[i] @ t_tgt[i]), float(e_edit[i] @ t_src[i])
         assert o["clip_score"] == pytest.approx(max(100 * cos_t, 0.0), abs=1e-4)
         assert o["clip_acc"] == (1.0 if cos_t > cos_s else 0.0)
+        assert o["clip_margin"] == pytest.approx(100 * (cos_t - cos_s), abs=1e-4)
         want_dir = float(F.cosine_similarity(e_edit[i] - e_src[i], t_tgt[i] - t_src[i], dim=0))
         assert o["clip_dir"] == pytest.approx(want_dir, abs=1e-5)
         assert o["clip_img_sim"] == pytest.approx(float(e_src[i] @ e_edit[i]), abs=1e-5)
@@ -142,13 +143,14 @@ def test_open_clip_metrics_equal_direct_computation(tiny_clip):
 
 
 def test_clip_accuracy_known_answer(tiny_clip):
-    """Swapping the prompts flips the accuracy of every sample without a tie."""
-    m = CLIPMetrics(model=tiny_clip, keys=["clip_acc", "clip_dir"])
+    """Swapping the prompts flips the accuracy of every sample without a tie and negates the margin."""
+    m = CLIPMetrics(model=tiny_clip, keys=["clip_acc", "clip_margin", "clip_dir"])
     batch = _batch(with_masks=False)
     fwd = m(batch)
     rev = m([MetricInput(s.source, s.edit, s.target_prompt, s.source_prompt) for s in batch])
     for a, b in zip(fwd, rev):
         assert a["clip_acc"] + b["clip_acc"] == 1.0
+        assert a["clip_margin"] == pytest.approx(-b["clip_margin"], abs=1e-4) and a["clip_margin"] != 0
     # identical source and edit: no image direction, cosine similarity 0 (torch's convention)
     same = m([MetricInput(batch[0].source, batch[0].source, batch[0].source_prompt, batch[0].target_prompt)])
     assert same[0]["clip_dir"] == 0.0
