@@ -152,7 +152,7 @@ def test_paper_presets_use_the_paper_setting():
         assert c.method.steps == (100 if m == "instruct_pix2pix" else 50), m
     assert _sweep_values(_compose(["experiment=lambda2_sweep"]), "method.lambda2") == \
         ["0", "0.25", "0.5", "1.0", "1.5", "2.0", "3.0"]
-    assert _sweep_values(_compose(["experiment=lambda1_sweep"]), "method.lambda1") == ["0", "0.05", "0.1", "0.2", "0.5"]
+    assert _sweep_values(_compose(["experiment=lambda1_sweep"]), "method.lambda1") == ["0", "0.05", "0.1", "0.2", "0.5", "1.0"]
 
 
 def test_ablation_variants_set_their_switches():
