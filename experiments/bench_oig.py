@@ -116,7 +116,11 @@ def components(models, core, editor, shape, cond, neg, repeats):
     """Median seconds of the pieces of one guided step (see the module docstring)."""
     unet, t = models.unet, core.timesteps(50)[10]
     x = core.noise(shape, 1)
-    e_src = e_tgt = editor.clip.encode_text(["a"]) if editor.clip is not None else None
+    direction = None  # the CLIP triplet's gradient direction: E_T(source) - E_T(target)
+    if editor.clip is not None:
+        with torch.no_grad():
+            e = editor.clip.encode_text(["a red circle on a gray background", "a blue square on a gray background"])
+        direction = (e[0] - e[1])[None]
 
     def timed(fn):
         fn()
@@ -144,7 +148,7 @@ def components(models, core, editor, shape, cond, neg, repeats):
     def vae_clip():
         xg = x.detach().requires_grad_(True)
         img = core.decode(xg) / 2 + 0.5
-        loss = editor.clip.encode_image(img.to(editor.clip.dtype)) @ (e_src - e_tgt).T if e_src is not None else img.sum()
+        loss = editor.clip.encode_image(img.to(editor.clip.dtype)) @ direction.T if direction is not None else img.sum()
         torch.autograd.grad(loss.sum(), xg)
 
     return {"unet_fwd_b2": timed(fwd_b2), "unet_fwd_b1": timed(fwd_b1), "unet_fwd_bwd_b1": timed(fwd_bwd_b1),

@@ -281,7 +281,7 @@ class OIG(Editor):
         a = c.abar(t)
         x0 = (x_neg - (1 - a) ** 0.5 * eps) / a**0.5
         parts = {}
-        loss = x_neg.sum() * 0.0
+        loss = x_neg.new_zeros(())  # stays without a graph when every term is inactive
         if self.layer_names:
             parts["struct"] = self._struct_loss(F_now, S, P)
             loss = loss + self.lambda2 * parts["struct"]
@@ -432,7 +432,7 @@ class OIGPlus(OIG):
         def cycle_tgt(i, eta, target_T):
             def fn(x0):
                 if self.lambda4 == 0:
-                    return x0.sum() * 0.0
+                    return x0.new_zeros(())  # no graph: nothing to back-propagate
                 with torch.no_grad():
                     pseudo = c.sample(target_T, emb2[1:], emb2[:1], self.guidance, N, desc="cycle")
                 return (1.0 / eta) * (1.0 - i / N) * self.lambda4 * torch.norm(x0 - pseudo)
