@@ -43,6 +43,19 @@ from oig.types import EditRequest, EditResult
 log = logging.getLogger(__name__)
 
 
+def check_fp32(models, allow_half: bool, editor: str):
+    """Null-text inversion optimises the unconditional embedding through the U-Net; the reference
+    (and PIE-Bench's runner) does it in fp32. A half-precision model is refused unless forced."""
+    if models.dtype == torch.float32:
+        return
+    if not allow_half:
+        raise ValueError(f"{editor}: null-text inversion needs an fp32 model (got {models.dtype}); the reference "
+                         "optimises the null-text embedding in fp32 and half precision degrades the reconstruction. "
+                         "Run with dtype=fp32, or set method.allow_half=true to force it.")
+    log.warning("%s: null-text optimisation with a %s U-Net (allow_half=true); the reference uses fp32",
+                editor, models.dtype)
+
+
 @dataclass
 class NullTextInversion:
     """``xT`` the pivot's noise, ``uncond[i]`` the optimised ``[1, L, D]`` embedding of step ``i``."""
@@ -60,8 +73,6 @@ def optimise_null_text(core: Diffusion, pivot: list[torch.Tensor], cond: torch.T
     (``pivot[k]`` = latent at sampling timestep ``k``, ``pivot[steps]`` = the clean latent)."""
     ts, d = core.timesteps(steps), core.step_size(steps)
     dt = core.m.dtype
-    if dt != torch.float32:
-        log.warning("null-text optimisation with a %s U-Net; the reference needs fp32 models", dt)
     u = uncond.detach().float()
     x = pivot[0]
     out = []
@@ -145,17 +156,24 @@ def denoise(core: Diffusion, x: torch.Tensor, cond: torch.Tensor, negs, guidance
 
 
 class _P2P(Editor):
-    """Prompt-to-Prompt over an inversion chosen by the subclass."""
+    """Prompt-to-Prompt over an inversion chosen by the subclass (see :class:`~oig.p2p.PromptToPrompt`
+    for ``edit_type``, ``reweight_words``, ``blend_words`` and ``missing_words``)."""
 
     has_reconstruction = True
 
     def __init__(self, steps: int = 50, guidance: float = 7.5, negative: str = "empty", edit_type: str = "auto",
                  cross_replace=0.4, self_replace=0.6, self_replace_res: float = 0.5, blend_words=None,
                  blend_threshold: float = 0.3, blend_start: float = 0.2, reweight_words=None,
-                 reweight_value: float = 2.0, resize_mode: str = "keep_aspect", encode: str = "mean"):
+                 reweight_value: float = 2.0, missing_words: str = "error", resize_mode: str = "keep_aspect",
+                 encode: str = "mean"):
         super().__init__(steps, guidance, negative, resize_mode, encode)
-        if edit_type not in ("auto", "replace", "refine", "reweight"):
-            raise ValueError(f"unknown P2P edit_type {edit_type!r}; use auto, replace, refine or reweight")
+        if edit_type == "reweight":
+            raise ValueError("P2P edit_type=reweight is no longer a base edit: set edit_type to auto, replace or "
+                             "refine and reweight_words to auto (the old behaviour), dataset or a list of words")
+        if edit_type not in ("auto", "replace", "refine"):
+            raise ValueError(f"unknown P2P edit_type {edit_type!r}; use auto, replace or refine")
+        if missing_words not in ("error", "ignore"):
+            raise ValueError(f"unknown P2P missing_words {missing_words!r}; use error or ignore")
         self.edit_type = edit_type
         self.cross_replace = cross_replace if isinstance(cross_replace, (int, float)) else list(cross_replace)
         self.self_replace = self_replace if isinstance(self_replace, (int, float)) else list(self_replace)
@@ -167,6 +185,14 @@ class _P2P(Editor):
         self.reweight_words = reweight_words if reweight_words is None or isinstance(reweight_words, str) \
             else list(reweight_words)
         self.reweight_value = reweight_value
+        self.missing_words = missing_words
+
+    def controller(self, req: EditRequest) -> PromptToPrompt:
+        """The P2P controller of one request (per-sample words from ``req.edit_words()``)."""
+        return PromptToPrompt(self.core.m.tokenizer, req.source_prompt, req.target_prompt, self.steps,
+                              self.edit_type, self.cross_replace, self.self_replace, self.self_replace_res,
+                              self.reweight_words, self.reweight_value, self.blend_words, self.blend_threshold,
+                              self.blend_start, edit_words=req.edit_words(), missing_words=self.missing_words)
 
     def invert(self, req: EditRequest, src, timer: Timer):
         """Returns ``(xT, negatives, from_cache)``: a tensor or a per-step list of embeddings."""
@@ -176,9 +202,7 @@ class _P2P(Editor):
         c = self.core
         xT, negs, cached = self.invert(req, src, timer)
         try:
-            ctrl = PromptToPrompt(c.m.tokenizer, req.source_prompt, req.target_prompt, self.steps, self.edit_type,
-                                  self.cross_replace, self.self_replace, self.self_replace_res, self.reweight_words,
-                                  self.reweight_value, self.blend_words, self.blend_threshold, self.blend_start)
+            ctrl = self.controller(req)
         except ValueError as e:
             raise EditError(f"prompt-to-prompt: {e}") from e
         ctrl.latent_hw = tuple(xT.shape[-2:])
@@ -193,7 +217,9 @@ class _P2P(Editor):
         if mask is not None:
             extras["blend_mask"] = mask[1, 0]  # the last step's LocalBlend mask of the target (latent size)
         return EditResult(image=out, source=src, reconstruction=rec, extras=extras,
-                          info={"inversion_cached": cached, "p2p_edit": ctrl.base_type})
+                          info={"inversion_cached": cached, "p2p_edit": ctrl.base_type,
+                                "p2p_blend_words": " | ".join(" ".join(w) for w in ctrl.blend_words)
+                                if ctrl.blend_words else "", "p2p_reweight_words": " ".join(ctrl.reweight_words)})
 
 
 @register_editor("ddim_p2p")
@@ -214,13 +240,20 @@ class NullTextP2P(_P2P):
     def __init__(self, steps: int = 50, guidance: float = 7.5, negative: str = "empty", edit_type: str = "auto",
                  cross_replace=0.4, self_replace=0.6, self_replace_res: float = 0.5, blend_words=None,
                  blend_threshold: float = 0.3, blend_start: float = 0.2, reweight_words=None,
-                 reweight_value: float = 2.0, inner_steps: int = 10, lr: float = 1e-2, early_stop: float = 1e-5,
-                 resize_mode: str = "keep_aspect", encode: str = "mean"):
+                 reweight_value: float = 2.0, missing_words: str = "error", inner_steps: int = 10, lr: float = 1e-2,
+                 early_stop: float = 1e-5, allow_half: bool = False, resize_mode: str = "keep_aspect",
+                 encode: str = "mean"):
         super().__init__(steps, guidance, negative, edit_type, cross_replace, self_replace, self_replace_res,
-                         blend_words, blend_threshold, blend_start, reweight_words, reweight_value, resize_mode, encode)
+                         blend_words, blend_threshold, blend_start, reweight_words, reweight_value, missing_words,
+                         resize_mode, encode)
         self.inner_steps = inner_steps
         self.lr = lr
         self.early_stop = early_stop
+        self.allow_half = allow_half
+
+    def bind(self, models, cache=None, progress: bool = False):
+        check_fp32(models, self.allow_half, "null_text_p2p")
+        return super().bind(models, cache, progress)
 
     def invert(self, req, src, timer):
         with timer("inversion"):
@@ -236,11 +269,17 @@ class NullText(Editor):
     has_reconstruction = True
 
     def __init__(self, steps: int = 50, guidance: float = 7.5, negative: str = "empty", inner_steps: int = 10,
-                 lr: float = 1e-2, early_stop: float = 1e-5, resize_mode: str = "keep_aspect", encode: str = "mean"):
+                 lr: float = 1e-2, early_stop: float = 1e-5, allow_half: bool = False,
+                 resize_mode: str = "keep_aspect", encode: str = "mean"):
         super().__init__(steps, guidance, negative, resize_mode, encode)
         self.inner_steps = inner_steps
         self.lr = lr
         self.early_stop = early_stop
+        self.allow_half = allow_half
+
+    def bind(self, models, cache=None, progress: bool = False):
+        check_fp32(models, self.allow_half, "null_text")
+        return super().bind(models, cache, progress)
 
     def edit(self, req: EditRequest, src, timer: Timer) -> EditResult:
         c = self.core

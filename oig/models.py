@@ -116,6 +116,23 @@ class SDModels:
         return f"{self.model_id}@{self.revision or 'main'}"
 
 
+#: DDIM settings every Stable Diffusion checkpoint ships and every reference code uses; diffusers'
+#: class defaults are the opposite (True), so a folder whose scheduler config lacks them would
+#: silently clip x0 and end on abar = 1.
+SD_SCHEDULER_SETTINGS = {"clip_sample": False, "set_alpha_to_one": False}
+
+
+def sd_scheduler(scheduler, where: str = "the model"):
+    """``scheduler`` with :data:`SD_SCHEDULER_SETTINGS` (rebuilt, with a warning, when its config differs)."""
+    wrong = {k: scheduler.config.get(k) for k, v in SD_SCHEDULER_SETTINGS.items() if scheduler.config.get(k) != v}
+    if not wrong:
+        return scheduler
+    log.warning("%s: scheduler config has %s; using %s as Stable Diffusion and the reference codes do", where,
+                ", ".join(f"{k}={v}" for k, v in wrong.items()),
+                ", ".join(f"{k}={v}" for k, v in SD_SCHEDULER_SETTINGS.items()))
+    return type(scheduler).from_config({**scheduler.config, **SD_SCHEDULER_SETTINGS})
+
+
 _CACHE: dict[tuple, SDModels] = {}
 
 
@@ -165,6 +182,7 @@ def load_sd(
         scheduler = DDIMScheduler.from_pretrained(path, subfolder="scheduler", **kw)
     except (OSError, ValueError, EnvironmentError) as e:
         raise _missing(pretrained if pretrained == path else f"{pretrained} ({path})", e) from e
+    scheduler = sd_scheduler(scheduler, path)
     for m in (text_encoder, vae, unet_m):
         m.to(dev).eval().requires_grad_(False)
     models = SDModels(vae, unet_m, text_encoder, tokenizer, scheduler, dev, dt, path, revision)

@@ -24,12 +24,13 @@ like the reference only the conditional half is edited:
 
 * cross-attention, for steps ``i`` with ``int(a·(N+1)) <= i < int(b·(N+1))`` where
   ``cross_replace = b`` or ``[a, b]``: the target's maps become ``source @ M`` (replace),
-  ``source[..., mapper]·alphas + target·(1 - alphas)`` (refine), and/or are multiplied by an
-  equalizer over target tokens (reweight, applied after replace/refine);
+  ``source[..., mapper]·alphas + target·(1 - alphas)`` (refine), then, with ``reweight_words``,
+  are multiplied by an equalizer over target tokens (re-weighting on top of the base edit, as
+  the reference's ``AttentionReweight`` wrapping the replace/refine controller);
 * self-attention, for ``int(a·N) <= i < int(b·N)`` (``self_replace``), in layers whose side is
   at most ``self_replace_res`` times the latent side (null-text notebook: 32x32 of 64x64,
   i.e. 0.5; the stable-diffusion P2P notebook: 16x16, i.e. 0.25): target maps := source maps;
-* LocalBlend (optional, ``blend_words``): after each step ``k > int(blend_start·N)`` (1-based),
+* LocalBlend (optional, ``blend_words``; PIE-Bench: the sample's ``blended_word``): after each step ``k > int(blend_start·N)`` (1-based),
   the cross-attention maps of the blend words, summed over the steps so far and averaged over
   heads and the coarsest down/up cross-attention layers (SD: the five 16x16 ones), are
   max-pooled (3x3), resized to the latent (nearest), divided by their maximum and thresholded
@@ -64,8 +65,13 @@ def word_token_spans(tokenizer, prompt: str) -> list[tuple[str, list[int]]]:
     return out
 
 
-def word_positions(tokenizer, prompt: str, words, max_len: int = 77) -> list[int]:
-    """Token positions of every occurrence of each word in ``words`` (a string or a list)."""
+def word_positions(tokenizer, prompt: str, words, max_len: int = 77, missing: str = "error") -> list[int]:
+    """Token positions of every occurrence of each word in ``words`` (a string or a list).
+
+    A word that is not one of the prompt's space-separated words raises (``missing="error"``)
+    or is left out (``missing="ignore"``: the reference's ``get_word_inds`` gives no position,
+    so its map is all zero).
+    """
     if isinstance(words, str):
         words = [words]
     spans = word_token_spans(tokenizer, prompt)
@@ -73,6 +79,9 @@ def word_positions(tokenizer, prompt: str, words, max_len: int = 77) -> list[int
     for w in words:
         hits = [p for word, ps in spans if word == w for p in ps]
         if not hits:
+            if missing == "ignore":
+                log.warning("word %r is not in the prompt %r; it gets no attention map (as the reference)", w, prompt)
+                continue
             raise ValueError(f"word {w!r} is not in the prompt {prompt!r}")
         out += hits
     return [p for p in out if p < max_len - 1]
@@ -153,7 +162,7 @@ def refinement_mapper(tokenizer, source: str, target: str, max_len: int = 77) ->
     return mapper, alphas
 
 
-def equalizer(tokenizer, prompt: str, words, values, max_len: int = 77) -> torch.Tensor:
+def equalizer(tokenizer, prompt: str, words, values, max_len: int = 77, missing: str = "error") -> torch.Tensor:
     """``[max_len]`` ones, with ``values`` at the tokens of ``words`` (P2P attention re-weighting)."""
     words = [words] if isinstance(words, str) else list(words)
     values = [values] * len(words) if isinstance(values, (int, float)) else list(values)
@@ -161,7 +170,7 @@ def equalizer(tokenizer, prompt: str, words, values, max_len: int = 77) -> torch
         raise ValueError(f"reweight: {len(words)} words but {len(values)} values")
     eq = torch.ones(max_len)
     for w, v in zip(words, values):
-        eq[word_positions(tokenizer, prompt, w, max_len)] = float(v)
+        eq[word_positions(tokenizer, prompt, w, max_len, missing)] = float(v)
     return eq
 
 
@@ -177,23 +186,49 @@ def _window(spec, n: int) -> tuple[int, int]:
 
 
 # ------------------------------------------------------------------------------ controller
-class PromptToPrompt(AttentionController):
-    """Cross/self-attention replacement, refinement, re-weighting and local blending.
+def _words(phrase) -> list[str]:
+    """A phrase or a list of words -> the list of its space-separated words ('' -> [])."""
+    if phrase is None:
+        return []
+    if isinstance(phrase, str):
+        return [w for w in phrase.split(" ") if w]
+    return [w for p in phrase for w in _words(p)]
 
-    ``edit_type``: ``replace`` | ``refine`` | ``reweight`` | ``auto`` (replace when the prompts
-    have the same number of words, else refine). ``reweight`` re-weights ``reweight_words``
-    (default: the words only the target has) by ``reweight_value`` on top of the automatic
-    replace/refine choice, as PIE-Bench's P2P runs do. ``blend_words``: ``None``, ``"auto"``
-    (the words only in the source / only in the target) or ``[source_words, target_words]``.
+
+class PromptToPrompt(AttentionController):
+    """Cross/self-attention replacement or refinement, re-weighting and local blending.
+
+    ``edit_type`` is the base edit: ``replace`` | ``refine`` | ``auto`` (replace when the
+    prompts have the same number of words, else refine). PIE-Bench runs ``refine`` always
+    (its ``is_replace_controller=False``).
+
+    ``reweight_words`` adds attention re-weighting by ``reweight_value`` *on top of* the base
+    edit (the reference's ``AttentionReweight(controller=base)``): ``None`` (off), ``"auto"``
+    (the words only the target prompt has), ``"dataset"`` (the sample's target edit word(s),
+    ``edit_words[1]``; PIE-Bench: ``blended_word[1]`` ×2; off when the sample has none) or
+    explicit target words.
+
+    ``blend_words`` turns on LocalBlend: ``None``, ``"auto"`` (the words only in the source /
+    only in the target), ``"dataset"`` (the sample's ``edit_words``; PIE-Bench's
+    ``blended_word``; off when the sample has none) or ``[source_words, target_words]``.
+
+    ``missing_words``: a blend / re-weight word that is not in its prompt raises (``error``) or
+    gets no attention map (``ignore``, what the reference's ``get_word_inds`` does).
     """
 
     def __init__(self, tokenizer, source: str, target: str, steps: int, edit_type: str = "auto",
                  cross_replace=0.4, self_replace=0.6, self_replace_res: float = 0.5, reweight_words=None,
                  reweight_value: float = 2.0, blend_words=None, blend_threshold: float = 0.3,
-                 blend_start: float = 0.2):
+                 blend_start: float = 0.2, edit_words: tuple[str, str] | None = None, missing_words: str = "error"):
         super().__init__()
-        if edit_type not in ("auto", "replace", "refine", "reweight"):
-            raise ValueError(f"unknown P2P edit_type {edit_type!r}; use auto, replace, refine or reweight")
+        if edit_type == "reweight":
+            raise ValueError("edit_type=reweight is no longer a base edit: choose the base with edit_type "
+                             "(auto | replace | refine) and re-weight on top of it with reweight_words "
+                             "(auto = the old behaviour, dataset = the sample's target word, or a list)")
+        if edit_type not in ("auto", "replace", "refine"):
+            raise ValueError(f"unknown P2P edit_type {edit_type!r}; use auto, replace or refine")
+        if missing_words not in ("error", "ignore"):
+            raise ValueError(f"unknown missing_words {missing_words!r}; use error or ignore")
         L = tokenizer.model_max_length
         same_len = len(source.split(" ")) == len(target.split(" "))
         base = edit_type if edit_type in ("replace", "refine") else ("replace" if same_len else "refine")
@@ -203,35 +238,55 @@ class PromptToPrompt(AttentionController):
             self.mapper = replacement_mapper(tokenizer, source, target, L)
         else:
             self.mapper, self.alphas = refinement_mapper(tokenizer, source, target, L)
-        if edit_type == "reweight":
-            words = reweight_words if reweight_words is not None else changed_words(source, target)[1]
-            if not words:
-                raise ValueError("reweight: no reweight_words given and the target prompt adds no word")
-            self.equalizer = equalizer(tokenizer, target, words, reweight_value, L)
+        self.reweight_words = self._reweight_words(reweight_words, source, target, edit_words)
+        if self.reweight_words:
+            self.equalizer = equalizer(tokenizer, target, self.reweight_words, reweight_value, L, missing_words)
         self.cross_window = _window(cross_replace, steps + 1)
         self.self_window = _window(self_replace, steps)
         self.self_replace_res = float(self_replace_res)
         self.total_steps = steps
         self.blend_alpha = None
-        if blend_words is not None:
-            if blend_words == "auto":
-                ws, wt = changed_words(source, target)
-            elif isinstance(blend_words, (list, tuple)) and len(blend_words) == 2:
-                ws, wt = blend_words
-                ws = [ws] if isinstance(ws, str) else list(ws)
-                wt = [wt] if isinstance(wt, str) else list(wt)
-            else:
-                raise ValueError("blend_words must be null, 'auto' or [source_words, target_words]; "
-                                 f"got {blend_words!r}")
-            if ws or wt:
-                alpha = torch.zeros(2, L)
-                for row, (prompt, words) in enumerate(((source, ws), (target, wt))):
-                    for w in words:
-                        alpha[row, word_positions(tokenizer, prompt, w, L)] = 1.0
-                self.blend_alpha = alpha
+        self.blend_words = self._blend_words(blend_words, source, target, edit_words)
+        if self.blend_words is not None:
+            ws, wt = self.blend_words
+            alpha = torch.zeros(2, L)
+            for row, (prompt, words) in enumerate(((source, ws), (target, wt))):
+                for w in words:
+                    alpha[row, word_positions(tokenizer, prompt, w, L, missing_words)] = 1.0
+            self.blend_alpha = alpha
         self.blend_threshold = blend_threshold
         self.blend_start = int(blend_start * steps)
         self.self_layers: set[int] = set()
+
+    @staticmethod
+    def _reweight_words(spec, source: str, target: str, edit_words) -> list[str]:
+        if spec is None:
+            return []
+        if spec == "auto":
+            words = changed_words(source, target)[1]
+            if not words:
+                raise ValueError("reweight_words=auto: the target prompt adds no word")
+            return words
+        if spec == "dataset":
+            return _words(edit_words[1]) if edit_words else []
+        return _words(spec)
+
+    @staticmethod
+    def _blend_words(spec, source: str, target: str, edit_words) -> tuple[list[str], list[str]] | None:
+        if spec is None:
+            return None
+        if spec == "auto":
+            ws, wt = changed_words(source, target)
+        elif spec == "dataset":
+            if not edit_words:
+                return None
+            ws, wt = _words(edit_words[0]), _words(edit_words[1])
+        elif isinstance(spec, (list, tuple)) and len(spec) == 2:
+            ws, wt = _words(spec[0]), _words(spec[1])
+        else:
+            raise ValueError("blend_words must be null, 'auto', 'dataset' or [source_words, target_words]; "
+                             f"got {spec!r}")
+        return (ws, wt) if ws or wt else None
 
     def setup(self, layers: list[AttnLayer]):
         self.self_layers = {l.index for l in layers if not l.is_cross and 2.0**-l.level <= self.self_replace_res}

@@ -35,9 +35,37 @@ class Sample:
     error: str | None = None
 
 
+def edit_words(meta: dict[str, Any] | None) -> tuple[str, str] | None:
+    """The sample's edited words ``(source_word, target_word)`` from its ``meta``, or None.
+
+    The one place that reads them: ``source_word`` / ``target_word`` (LAION and synthetic
+    word-swap tasks, the toy world; either may be a phrase such as ``"cat wearing glasses"``
+    or empty, e.g. the toy ``appearance_change`` adds ``"striped"`` to nothing), else
+    PIE-Bench's ``blended_word`` (``"cat dog"``: the source word, then the target word, split on
+    the space as PIE-Bench's ``run_editing_p2p.py`` does).
+    """
+    meta = meta or {}
+    s, t = meta.get("source_word"), meta.get("target_word")
+    if s is not None or t is not None:
+        return (s or "").strip(), (t or "").strip()
+    bw = (meta.get("blended_word") or "").strip()
+    if bw:
+        parts = bw.split(" ")
+        if len(parts) != 2:
+            raise ValueError(f"blended_word {bw!r} must be two space-separated words (source target)")
+        return parts[0], parts[1]
+    return None
+
+
 @dataclass
 class EditRequest:
-    """What an editor receives."""
+    """What an editor receives.
+
+    ``meta`` is the sample's metadata (a shallow copy): PIE-Bench's ``blended_word`` and
+    ``editing_type``, the swapped words of a word-swap task (``source_word``, ``target_word``),
+    toy scenes. :meth:`edit_words` reads the edited words from it for per-sample method
+    arguments (P2P LocalBlend / re-weighting, Pix2Pix-Zero concept directions).
+    """
 
     image: Image.Image
     source_prompt: str
@@ -47,10 +75,16 @@ class EditRequest:
     seed: int = 0
     init_noise: torch.Tensor | None = None
     id: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_sample(cls, s: Sample, seed: int) -> EditRequest:
-        return cls(s.image, s.source_prompt, s.target_prompt, s.instruction, s.mask, seed, s.init_noise, s.id)
+        return cls(s.image, s.source_prompt, s.target_prompt, s.instruction, s.mask, seed, s.init_noise, s.id,
+                   dict(s.meta or {}))
+
+    def edit_words(self) -> tuple[str, str] | None:
+        """``(source_word, target_word)`` of this sample (see :func:`edit_words`), or None."""
+        return edit_words(self.meta)
 
 
 @dataclass

@@ -12,6 +12,17 @@ from oig.types import Sample
 from .base import EditDataset, as_str_list
 
 
+def edited_words(e: world.ToyEdit) -> dict[str, str]:
+    """The words the edit changes, as word-swap datasets give them (``source_word``, ``target_word``):
+    shape, colour or background name; ``appearance_change`` adds ``"striped"`` to nothing."""
+    attr = {"shape_swap": "shape", "color_change": "color", "background_change": "background"}.get(e.task)
+    if attr is not None:
+        return {"source_word": getattr(e.source, attr), "target_word": getattr(e.target, attr)}
+    if e.task == "appearance_change":
+        return {"source_word": "", "target_word": "striped"}
+    return {}
+
+
 class ToyWorld(EditDataset):
     """:func:`oig.toy.world.benchmark` samples (64x64).
 
@@ -22,7 +33,8 @@ class ToyWorld(EditDataset):
 
     Each sample has the source render, the source/target captions, the instruction, the
     edit mask (True where the edit may change pixels), ``target_image`` (the exact target
-    render) and ``meta = {"source_scene": Scene, "target_scene": Scene}``.
+    render) and ``meta = {"source_scene": Scene, "target_scene": Scene, "source_word": ..., "target_word": ...}``
+    (the edited words, see :func:`edited_words`).
     """
 
     name = "toyworld"
@@ -53,6 +65,6 @@ class ToyWorld(EditDataset):
             image=Image.fromarray(e.source_image),
             mask=e.edit_mask.copy(),
             target_image=Image.fromarray(e.target_image),
-            meta={"source_scene": e.source, "target_scene": e.target},
+            meta={"source_scene": e.source, "target_scene": e.target, **edited_words(e)},
             **self._describe(e),
         )
