@@ -105,15 +105,17 @@ class SDModels:
         return float(self.vae.config.scaling_factor)
 
     def fingerprint(self) -> str:
-        """Identifies the weights for cache keys: id, revision and, for local folders, file mtimes."""
+        """Identifies the weights and the timestep grid for cache keys: id, revision, the scheduler's
+        ``steps_offset`` and, for local folders, file mtimes."""
+        grid = f"|offset={self.scheduler.config.get('steps_offset', 0)}"
         p = Path(self.model_id)
         if p.is_dir():
             stamp = ",".join(
                 f"{f.relative_to(p)}:{f.stat().st_size}:{int(f.stat().st_mtime)}"
                 for f in sorted(p.rglob("*.safetensors"))
             )
-            return f"{p.resolve()}|{stamp}"
-        return f"{self.model_id}@{self.revision or 'main'}"
+            return f"{p.resolve()}|{stamp}{grid}"
+        return f"{self.model_id}@{self.revision or 'main'}{grid}"
 
 
 #: DDIM settings every Stable Diffusion checkpoint ships and every reference code uses; diffusers'
@@ -130,7 +132,13 @@ def sd_scheduler(scheduler, where: str = "the model"):
     log.warning("%s: scheduler config has %s; using %s as Stable Diffusion and the reference codes do", where,
                 ", ".join(f"{k}={v}" for k, v in wrong.items()),
                 ", ".join(f"{k}={v}" for k, v in SD_SCHEDULER_SETTINGS.items()))
-    return type(scheduler).from_config({**scheduler.config, **SD_SCHEDULER_SETTINGS})
+    return type(scheduler).from_config({**_explicit(scheduler.config), **SD_SCHEDULER_SETTINGS})
+
+
+def _explicit(config) -> dict:
+    """A scheduler config without diffusers' ``_use_default_values`` list, which would make
+    ``from_config`` drop the keys it names even when they are set explicitly."""
+    return {k: v for k, v in config.items() if k != "_use_default_values"}
 
 
 _CACHE: dict[tuple, SDModels] = {}
@@ -143,8 +151,13 @@ def load_sd(
     revision: str | None = None,
     unet: str | None = None,
     local_files_only: bool | None = None,
+    steps_offset: int | None = None,
 ) -> SDModels:
     """Load VAE, U-Net, tokenizer + text encoder and DDIM scheduler.
+
+    ``steps_offset`` overrides the scheduler's timestep offset: the checkpoints ship 1 (50 steps:
+    981, 961, ..., 1); the Prompt-to-Prompt, null-text and MasaCtrl reference codes build their
+    DDIM scheduler without it, i.e. 0 (980, ..., 0). ``None`` keeps the checkpoint's.
 
     ``unet`` optionally names another folder/id whose ``unet`` replaces the base one (the
     toy InstructPix2Pix U-Net). Loaded models are memoised per process, so a sweep loads
@@ -156,7 +169,7 @@ def load_sd(
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     path = resolve_path(pretrained)
-    key = (path, str(dev), str(dt), revision, unet)
+    key = (path, str(dev), str(dt), revision, unet, steps_offset)
     if key in _CACHE:
         return _CACHE[key]
     if local_files_only is None:
@@ -164,7 +177,7 @@ def load_sd(
     kw = dict(revision=revision, local_files_only=local_files_only)
     if unet is not None and resolve_path(unet) != path:
         # another U-Net on the same VAE / text encoder: share the (memoised) base components
-        base = load_sd(pretrained, device, dtype, revision, None, local_files_only)
+        base = load_sd(pretrained, device, dtype, revision, None, local_files_only, steps_offset)
         try:
             unet_m = UNet2DConditionModel.from_pretrained(resolve_path(unet), subfolder="unet", torch_dtype=dt,
                                                           local_files_only=Path(resolve_path(unet)).is_dir() or local_files_only)
@@ -183,6 +196,8 @@ def load_sd(
     except (OSError, ValueError, EnvironmentError) as e:
         raise _missing(pretrained if pretrained == path else f"{pretrained} ({path})", e) from e
     scheduler = sd_scheduler(scheduler, path)
+    if steps_offset is not None and scheduler.config.get("steps_offset") != int(steps_offset):
+        scheduler = type(scheduler).from_config({**_explicit(scheduler.config), "steps_offset": int(steps_offset)})
     for m in (text_encoder, vae, unet_m):
         m.to(dev).eval().requires_grad_(False)
     models = SDModels(vae, unet_m, text_encoder, tokenizer, scheduler, dev, dt, path, revision)

@@ -111,7 +111,8 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict:
         torch.backends.cudnn.benchmark = False
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
-    models = load_sd(cfg.model.pretrained, device=cfg.device, dtype=cfg.dtype, revision=cfg.model.get("revision"))
+    models = load_sd(cfg.model.pretrained, device=cfg.device, dtype=cfg.dtype, revision=cfg.model.get("revision"),
+                     steps_offset=cfg.model.get("steps_offset"))
     cache = InversionCache(cfg.cache.dir, enabled=cfg.cache.enabled)
     editor = instantiate(cfg.method).bind(models, cache=cache, progress=False)
     method = editor.name

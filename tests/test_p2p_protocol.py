@@ -255,3 +255,36 @@ def test_blended_word_reaches_the_p2p_controller(tiny_models, toy_img, monkeypat
     assert seen[-1].blend_alpha is None and seen[-1].equalizer is None
     assert plain.info["p2p_blend_words"] == "" and "blend_mask" not in plain.extras
     assert not np.array_equal(np.asarray(plain.image), np.asarray(res.image))
+
+
+# ------------------------------------------------------------------ scheduler: reference grid and settings
+def test_steps_offset_gives_the_reference_grid_and_its_own_cache_key(tiny_sd_path):
+    from oig.models import load_sd
+
+    ckpt = load_sd(tiny_sd_path, device="cpu", dtype="fp32")
+    ref = load_sd(tiny_sd_path, device="cpu", dtype="fp32", steps_offset=0)
+    assert Diffusion(ckpt).timesteps(50)[:2] == [981, 961] and Diffusion(ckpt).timesteps(50)[-1] == 1
+    assert Diffusion(ref).timesteps(50)[:2] == [980, 960] and Diffusion(ref).timesteps(50)[-1] == 0
+    assert ref.unet is not ckpt.unet or ref.scheduler is not ckpt.scheduler
+    assert ckpt.fingerprint() != ref.fingerprint()  # cached inversions of one grid never serve the other
+
+
+def test_load_sd_enforces_sd_scheduler_settings(tmp_path, caplog):
+    import json
+    import shutil
+
+    from oig.models import load_sd
+    from oig.testing import make_tiny_sd
+
+    folder = make_tiny_sd(tmp_path / "m")
+    cfg_file = folder / "scheduler" / "scheduler_config.json"
+    cfg = json.loads(cfg_file.read_text())
+    for k in ("clip_sample", "set_alpha_to_one"):
+        cfg.pop(k)  # diffusers' class defaults are True
+    cfg_file.write_text(json.dumps(cfg))
+    with caplog.at_level("WARNING"):
+        m = load_sd(str(folder), device="cpu", dtype="fp32")
+    assert m.scheduler.config.clip_sample is False and m.scheduler.config.set_alpha_to_one is False
+    assert "clip_sample=True" in caplog.text and str(folder) in caplog.text
+    assert float(m.scheduler.final_alpha_cumprod) == float(m.scheduler.alphas_cumprod[0])
+    shutil.rmtree(folder)
