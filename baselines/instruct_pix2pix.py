@@ -12,9 +12,16 @@ default ``unet: toy_ip2p``) unless ``pretrained`` names one (real data: ``pretra
 ``unet: ip2p``, the whole ``timbrooks/instruct-pix2pix`` repository). With ``unet: null`` and
 ``pretrained: null`` the bound model itself must have an 8-channel U-Net.
 
-Scheduler. ``scheduler: ddim`` (default) builds a DDIM scheduler from the model's scheduler
-config, like every other editor here; ``euler_ancestral`` is the original code's sampler (its
-noise is drawn from the seeded generator too).
+Scheduler. ``scheduler: euler_ancestral`` (default) is the original sampler: the CLI
+(``edit_cli.py``) and PIE-Bench's runner call k-diffusion's ``sample_euler_ancestral`` on
+``CompVisDenoiser.get_sigmas(steps)``, i.e. ``steps`` timesteps evenly spaced from 999 to 0.
+The wrapper builds diffusers' ``EulerAncestralDiscreteScheduler`` from the model's beta schedule
+with ``timestep_spacing="linspace"`` (that grid; the model's DDIM config says ``leading``, which
+would give 981, 961, ..., 1 and a larger starting sigma). diffusers interpolates sigma linearly
+between integer timesteps where k-diffusion interpolates log sigma: the grids agree to a relative
+1e-4 (tested against a transcription of ``get_sigmas``). The initial noise and each ancestral step's
+noise come from the generator seeded with ``req.seed``. ``ddim`` is deterministic DDIM from the
+model's scheduler config (``leading`` grid, ``clip_sample`` and ``set_alpha_to_one`` off).
 
 Image. The prepared source (shared preprocessing, aspect kept, sides multiples of the model's
 pixel multiple) is passed as is; the pipeline encodes it with the VAE posterior mode (= mean,
@@ -47,7 +54,7 @@ import torch
 
 from oig.diffusion import Timer
 from oig.editor import Editor
-from oig.models import SDModels, load_sd
+from oig.models import SDModels, load_sd, sd_scheduler
 from oig.registry import register_editor
 from oig.types import EditRequest, EditResult
 
@@ -110,7 +117,8 @@ def _base_id(models: SDModels) -> str:
 
 @register_editor("instruct_pix2pix")
 class InstructPix2Pix(Editor):
-    """InstructPix2Pix with the original CLI's guidance (text 7.5, image 1.5) and 100 steps."""
+    """InstructPix2Pix with the original CLI's sampler (Euler ancestral), guidance (text 7.5, image 1.5) and
+    100 steps."""
 
     def __init__(
         self,
@@ -120,7 +128,7 @@ class InstructPix2Pix(Editor):
         negative: str = "empty",
         unet: str | None = "toy_ip2p",
         pretrained: str | None = None,
-        scheduler: str = "ddim",
+        scheduler: str = "euler_ancestral",
         resize_mode: str = "keep_aspect",
         encode: str = "mean",
     ):
@@ -153,10 +161,13 @@ class InstructPix2Pix(Editor):
                 "with unet/)."
             )
         super().bind(ip, cache, progress)
-        sched_cls = DDIMScheduler if self.scheduler == "ddim" else EulerAncestralDiscreteScheduler
+        if self.scheduler == "ddim":
+            sched = sd_scheduler(DDIMScheduler.from_config(ip.scheduler.config), "instruct_pix2pix")
+        else:  # k-diffusion's get_sigmas grid: linspace(999, 0, steps)
+            sched = EulerAncestralDiscreteScheduler.from_config(ip.scheduler.config, timestep_spacing="linspace")
         self.pipe = StableDiffusionInstructPix2PixPipeline(
             vae=ip.vae, text_encoder=ip.text_encoder, tokenizer=ip.tokenizer, unet=ip.unet,
-            scheduler=sched_cls.from_config(ip.scheduler.config),
+            scheduler=sched,
             safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         )
         self.pipe.set_progress_bar_config(disable=not progress, leave=False)

@@ -80,7 +80,7 @@ def test_diffedit_matches_pipeline_and_is_deterministic(tiny_models, toy_image):
     from diffusers import DDIMInverseScheduler, DDIMScheduler, StableDiffusionDiffEditPipeline
 
     m = tiny_models
-    ed = DiffEdit(steps=STEPS, num_maps_per_mask=2).bind(m)
+    ed = DiffEdit(steps=STEPS, num_maps_per_mask=2, mode="diffusers").bind(m)
     req = EditRequest(toy_image[0], SRC, TGT, seed=11)
     r1, r2 = ed(req), ed(req)
     src = r1.source
@@ -189,10 +189,12 @@ def test_instruct_pix2pix_matches_pipeline_and_is_deterministic(tiny_models, tin
     assert not np.array_equal(arr(r1.image), arr(r3.image))  # the seed sets the starting noise
 
     m = ip2p_models
-    cls = DDIMScheduler if scheduler == "ddim" else EulerAncestralDiscreteScheduler
+    # Euler ancestral on k-diffusion's grid (linspace 999..0), not the model DDIM config's "leading" spacing
+    sched = (DDIMScheduler.from_config(m.scheduler.config) if scheduler == "ddim"
+             else EulerAncestralDiscreteScheduler.from_config(m.scheduler.config, timestep_spacing="linspace"))
     pipe = StableDiffusionInstructPix2PixPipeline(
         vae=m.vae, text_encoder=m.text_encoder, tokenizer=m.tokenizer, unet=m.unet,
-        scheduler=cls.from_config(m.scheduler.config), safety_checker=None, feature_extractor=None,
+        scheduler=sched, safety_checker=None, feature_extractor=None,
         requires_safety_checker=False)
     # pipeline defaults: text guidance 7.5, image guidance 1.5, empty negative prompt
     ref = pipe(prompt="make it blue", image=r1.source, num_inference_steps=STEPS, generator=gen(2)).images[0]
@@ -321,7 +323,7 @@ def test_missing_deprecated_pipeline_names_versions(monkeypatch):
     stub.__version__ = "9.0.0"
     monkeypatch.setitem(sys.modules, "diffusers", stub)
     with pytest.raises(ImportError) as e:
-        DiffEdit()
+        DiffEdit(mode="diffusers")  # the default paper mode does not use the pipeline
     msg = str(e.value)
     assert "StableDiffusionDiffEditPipeline" in msg and "diffusers 9.0.0" in msg
     assert "0.33.1" in msg and "v0.38.0" in msg and "0.42.1" in msg
