@@ -23,6 +23,12 @@ Two masking conventions:
   (LPIPS x 10^3, MSE x 10^4, SSIM x 10^2); we return them unscaled. Use ``lpips_net="squeeze"``
   for parity with PIE-Bench.
 
+  ``pie_bench_env`` (``convention="pie_bench"`` only; :data:`eval.base.PIE_BENCH_ENVS`):
+  ``"published"`` scores the edit after PIE-Bench's JPEG round trip and averages the SSIM map
+  without its 5-pixel border, as torchmetrics <= 1.4.1 did (the environment of PIE-Bench's
+  Table 1); ``"current"`` (and ``None``) scores the lossless edit and averages the full SSIM map,
+  as torchmetrics >= 1.4.2 does.
+
 NaN rules: no mask (and no ``mask_from_text``) gives NaN for every key (the background is
 unknown); a mask that leaves no background pixel gives NaN (PIE-Bench does the same).
 PSNR of an untouched background is capped at 100 dB (:data:`eval.base.PSNR_CAP_DB`) where
@@ -51,7 +57,8 @@ import torch
 
 from oig.registry import register_metric
 
-from .base import NAN, Metric, MetricInput, groups_by, mask_at, psnr_from_mse, same_size, to_tensor01
+from .base import (NAN, Metric, MetricInput, groups_by, mask_at, psnr_from_mse, resolve_pie_bench_env, same_size,
+                   to_tensor01)
 from .clip import force_border
 
 log = logging.getLogger(__name__)
@@ -86,10 +93,23 @@ def load_lpips(net: str = "alex", device="cpu") -> torch.nn.Module:
 
 
 def _ssim_map(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """torchmetrics' full SSIM map (Gaussian window 11, sigma 1.5, reflect-padded: same size as the input)."""
     from torchmetrics.functional.image import structural_similarity_index_measure
 
     _, full = structural_similarity_index_measure(a, b, data_range=1.0, reduction="none", return_full_image=True)
     return full
+
+
+def ssim_mean(a: torch.Tensor, b: torch.Tensor, border: int = 0) -> float:
+    """Mean of the SSIM map of two (1, C, H, W) images in [0, 1] without ``border`` pixels on each
+    side: ``border=0`` is torchmetrics >= 1.4.2's value, ``border=5`` torchmetrics <= 1.4.1's (it
+    cropped (kernel - 1) / 2 = 5 pixels of the reflect-padded map before averaging)."""
+    full = _ssim_map(a, b)
+    if border:
+        if min(full.shape[-2:]) <= 2 * border:
+            raise ValueError(f"SSIM: a {tuple(full.shape[-2:])} image has nothing left inside a {border}-pixel border")
+        full = full[..., border:-border, border:-border]
+    return float(full.mean())
 
 
 @register_metric("background")
@@ -99,7 +119,8 @@ class BackgroundMetrics(Metric):
     ALL = ("lpips", "psnr", "ssim", "mse")
 
     def __init__(self, metrics: list[str] | tuple[str, ...] = ALL, lpips_net: str = "alex",
-                 convention: str = "outside", mask_from_text: Mapping | None = None, batch_size: int = 16):
+                 convention: str = "outside", mask_from_text: Mapping | None = None,
+                 pie_bench_env: str | None = None, batch_size: int = 16):
         super().__init__(batch_size)
         metrics = list(metrics)
         bad = [m for m in metrics if m not in self.ALL]
@@ -109,7 +130,14 @@ class BackgroundMetrics(Metric):
             raise ValueError(f"BackgroundMetrics: convention must be 'outside' or 'pie_bench', got {convention!r}")
         if lpips_net not in _BACKBONE_WEIGHTS:
             raise ValueError(f"BackgroundMetrics: lpips_net must be one of {sorted(_BACKBONE_WEIGHTS)}, got {lpips_net!r}")
+        env = resolve_pie_bench_env(pie_bench_env, "BackgroundMetrics")
+        if env is not None and convention != "pie_bench":
+            raise ValueError(f"BackgroundMetrics: pie_bench_env={env.name!r} applies to convention='pie_bench' only, "
+                             f"got convention={convention!r}")
         self.metrics, self.lpips_net, self.convention = metrics, lpips_net, convention
+        self.pie_bench_env = None if env is None else env.name
+        self.ssim_border = 0 if env is None else env.ssim_border
+        self.edit_jpeg = env is not None and env.edit_jpeg
         self.mask_from_text = None if mask_from_text is None else dict(mask_from_text)
         self.lpips = None
         self.masker = None
@@ -158,7 +186,7 @@ class BackgroundMetrics(Metric):
         for i, a, b, bg in todo:
             if bg is None:  # pie_bench: full frame of the zeroed images
                 mse = float(((a - b) ** 2).mean())
-                ssim = float(_ssim_map(b, a).mean()) if "ssim" in self.metrics else NAN
+                ssim = ssim_mean(b, a, self.ssim_border) if "ssim" in self.metrics else NAN
             else:
                 sel = bg.expand_as(a)
                 mse = float(((a - b)[sel] ** 2).mean())

@@ -32,6 +32,10 @@ reference pipelines do:
   local folder), i.e. exactly what torchmetrics' ``CLIPScore(model_name_or_path=...)`` and
   hence PIE-Bench use (``openai/clip-vit-large-patch14``).
 
+``pie_bench_env`` (:data:`eval.base.PIE_BENCH_ENVS`): ``"published"`` scores the edit after
+PIE-Bench's JPEG round trip (its runners saved every edit inside a ``.jpg`` panel, the
+environment of its Table 1); ``"current"`` and ``None`` score the lossless edit.
+
 Both sit behind the same two-method interface (:class:`ImageTextEncoder`), so the score code
 is one function (:func:`clip_scores`).
 """
@@ -48,7 +52,7 @@ from PIL import Image
 
 from oig.registry import register_metric
 
-from .base import NAN, Metric, MetricInput, mask_at
+from .base import NAN, Metric, MetricInput, mask_at, resolve_pie_bench_env
 
 log = logging.getLogger(__name__)
 
@@ -171,13 +175,18 @@ class CLIPMetrics(Metric):
         keys: which values to return (default all of :attr:`ALL_KEYS`).
         region_convention: ``"plain"`` (the sample mask as is) or ``"pie_bench"`` (border forced
             to edited) for ``clip_edit_region``.
+        pie_bench_env: ``"published"`` (edit JPEG round trip), ``"current"`` or ``None`` (lossless edit).
     """
 
     ALL_KEYS = ("clip_score", "clip_acc", "clip_margin", "clip_dir", "clip_img_sim", "clip_edit_region")
 
     def __init__(self, model: str = "toy", pretrained: str | None = None, backend: str = "open_clip",
-                 keys: list[str] | None = None, region_convention: str = "plain", batch_size: int = 32):
+                 keys: list[str] | None = None, region_convention: str = "plain", pie_bench_env: str | None = None,
+                 batch_size: int = 32):
         super().__init__(batch_size)
+        env = resolve_pie_bench_env(pie_bench_env, "CLIPMetrics")
+        self.pie_bench_env = None if env is None else env.name
+        self.edit_jpeg = env is not None and env.edit_jpeg
         self.model, self.pretrained, self.backend = model, pretrained, backend
         keys = list(self.ALL_KEYS if keys is None else keys)
         bad = [k for k in keys if k not in self.ALL_KEYS]

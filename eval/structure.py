@@ -27,6 +27,10 @@ The keys are read with a forward hook, never by re-implementing the network:
   ``pie_bench_compat=True`` reproduces PIE-Bench's evaluation code, which feeds pixel values
   in 0..255 (never divided by 255) into the same resize + ImageNet normalisation; its
   numbers are therefore not comparable with the [0, 1] definition.
+  ``pie_bench_env`` (:data:`eval.base.PIE_BENCH_ENVS`; needs ``pie_bench_compat=True``) sets
+  ``antialias`` and the edit's JPEG round trip together: ``"published"`` = no antialiasing and
+  the edit read back from PIE-Bench's JPEG panel (its Table 1), ``"current"`` = antialiased
+  resize (torchvision >= 0.17's default) on the lossless edit.
 * ``backbone="clip"`` (toy world): the image tower of an open_clip model
   (``oig.clip.load_clip(clip_model).model.visual``, e.g. the toy CLIP). The hook sits on the
   last residual block's ``attn`` (an ``nn.MultiheadAttention``); the keys are recomputed from
@@ -49,7 +53,7 @@ from PIL import Image
 
 from oig.registry import register_metric
 
-from .base import Metric, MetricInput, groups_by, same_size, to_tensor01
+from .base import Metric, MetricInput, groups_by, resolve_pie_bench_env, same_size, to_tensor01
 
 log = logging.getLogger(__name__)
 
@@ -201,24 +205,37 @@ class StructureDistance(Metric):
         backbone: ``"timm"`` (``arch`` + ``weights`` + ``model_kwargs``) or ``"clip"``
             (``clip_model`` + ``clip_pretrained`` through ``oig.clip.load_clip``).
         resize, max_size: timm backbone: short side and long-side cap after resizing.
-        antialias: timm backbone: antialiased resize (default False, as the reference code ran).
+        antialias: timm backbone: antialiased resize (``None``: False, as the reference code ran,
+            or what ``pie_bench_env`` says).
         pie_bench_compat: timm backbone: PIE-Bench's 0..255 input quirk.
+        pie_bench_env: ``"published"`` / ``"current"`` / ``None`` (see the module docstring).
     """
 
     def __init__(self, backbone: str = "timm", arch: str = "vit_base_patch8_224.dino", weights: str | None = None,
                  model_kwargs: dict | None = None, clip_model: str = "toy", clip_pretrained: str | None = None,
                  resize: int = 224, max_size: int | None = 480, pie_bench_compat: bool = False,
-                 antialias: bool = False, batch_size: int = 8):
+                 antialias: bool | None = None, pie_bench_env: str | None = None, batch_size: int = 8):
         super().__init__(batch_size)
         if backbone not in ("timm", "clip"):
             raise ValueError(f"StructureDistance: backbone must be 'timm' or 'clip', got {backbone!r}")
         if backbone == "clip" and pie_bench_compat:
             raise ValueError("StructureDistance: pie_bench_compat applies to the timm DINO backbone only")
+        env = resolve_pie_bench_env(pie_bench_env, "StructureDistance")
+        if env is not None:
+            if not pie_bench_compat:
+                raise ValueError(f"StructureDistance: pie_bench_env={env.name!r} applies to PIE-Bench's structure "
+                                 f"distance only (backbone='timm', pie_bench_compat=true)")
+            if antialias is not None and bool(antialias) != env.antialias:
+                raise ValueError(f"StructureDistance: antialias={antialias} contradicts pie_bench_env={env.name!r} "
+                                 f"(antialias={env.antialias}); drop one of them")
+            antialias = env.antialias
+        self.pie_bench_env = None if env is None else env.name
+        self.edit_jpeg = env is not None and env.edit_jpeg
         self.backbone, self.arch, self.weights = backbone, arch, weights
         self.model_kwargs = dict(model_kwargs or {})
         self.clip_model, self.clip_pretrained = clip_model, clip_pretrained
         self.resize, self.max_size, self.pie_bench_compat = resize, max_size, pie_bench_compat
-        self.antialias = antialias
+        self.antialias = bool(antialias) if antialias is not None else False
         self.extractor = None
 
     @property

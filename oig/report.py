@@ -13,6 +13,12 @@ shards), merges their rows and writes to ``OUT``:
 * ``report_tradeoff_<method>_<hp>.png`` / ``.pdf``: when the runs of one method sweep a
   hyperparameter (e.g. ``hp_lambda2``), a CLIP metric against structure distance, one point
   per value (the paper's Figure 5); ablation variants get the same plot, unconnected.
+* ``report_pie_bench.csv`` and a "PIE-Bench" section of ``report.md``, when there are PIE-Bench
+  rows (``dataset == "pie_bench"``, or a run whose ``config.yaml`` has ``pie_bench`` in ``tags``):
+  PIE-Bench's Table 1 columns in its units (structure x10^3, LPIPS x10^3, MSE x10^4, SSIM x10^2;
+  PSNR and CLIP as they are), per method over all samples and per editing type (the ten types,
+  from the task name or an ``editing_type_id`` column), next to the published Table 1 row the
+  method reproduces (:data:`PIE_BENCH_TABLE1`, :func:`pie_bench_published_row`).
 
 Default ``OUT``: the folder given when there is one, else ``reports/<timestamp>``.
 
@@ -123,6 +129,9 @@ def load_run(run_dir: str | Path) -> pd.DataFrame:
     variant = _config_value(run_dir, "variant")
     if variant is not None:
         df["variant"] = str(variant)
+    tags = _config_value(run_dir, "tags")  # experiment=pie_bench tags its runs with pie_bench
+    if tags is not None and not isinstance(tags, str) and "pie_bench" in [str(t) for t in tags]:
+        df["_preset"] = "pie_bench"
     return df
 
 
@@ -513,6 +522,185 @@ def tradeoff_figures(df: pd.DataFrame, stats: pd.DataFrame | None = None, x: str
     return out
 
 
+# ------------------------------------------------------------------ PIE-Bench
+#: PIE-Bench's Table 1 columns: (our column, its header, PIE-Bench's scale factor, better)
+PIE_BENCH_COLUMNS = (
+    ("structure_dist", "Structure ×10³", 1e3, "lower"),
+    ("bg_psnr", "PSNR", 1.0, "higher"),
+    ("bg_lpips", "LPIPS ×10³", 1e3, "lower"),
+    ("bg_mse", "MSE ×10⁴", 1e4, "lower"),
+    ("bg_ssim", "SSIM ×10²", 1e2, "higher"),
+    ("clip_score", "CLIP whole", 1.0, "higher"),
+    ("clip_edit_region", "CLIP edited", 1.0, "higher"),
+)
+#: where :data:`PIE_BENCH_TABLE1` comes from
+PIE_BENCH_SOURCE = ("Ju et al., PnP Inversion (ICLR 2024), Table 1, as the image "
+                    "scripts/compare_direct_inversion_with_other_inversion_techniques.png of "
+                    "github.com/cure-lab/PnPInversion (commit 07f97f4, also in its README); PnP rows with "
+                    "SD v1.5, the others SD v1.4; Null-text = mean of an A800 and an RTX 3090 run")
+#: PIE-Bench's published Table 1 (:data:`PIE_BENCH_SOURCE`): (inversion, editing) -> values in the
+#: units and order of :data:`PIE_BENCH_COLUMNS`
+PIE_BENCH_TABLE1 = {
+    ("DDIM", "P2P"): (69.43, 17.87, 208.80, 219.88, 71.14, 25.01, 22.44),
+    ("Null-text", "P2P"): (13.44, 27.03, 60.67, 35.86, 84.11, 24.75, 21.86),
+    ("Negative-prompt", "P2P"): (16.17, 26.21, 69.01, 39.73, 83.40, 24.61, 21.87),
+    ("StyleDiffusion", "P2P"): (11.65, 26.05, 66.10, 38.63, 83.42, 24.78, 21.72),
+    ("DirectInversion", "P2P"): (11.65, 27.22, 54.55, 32.86, 84.76, 25.02, 22.10),
+    ("DDIM", "MasaCtrl"): (28.38, 22.17, 106.62, 86.97, 79.67, 23.96, 21.16),
+    ("DirectInversion", "MasaCtrl"): (24.70, 22.64, 87.94, 81.09, 81.33, 24.38, 21.35),
+    ("DDIM", "Pix2Pix-Zero"): (61.68, 20.44, 172.22, 144.12, 74.67, 22.80, 20.54),
+    ("DirectInversion", "Pix2Pix-Zero"): (49.22, 21.53, 138.98, 127.32, 77.05, 23.31, 21.05),
+    ("DDIM", "PnP"): (28.22, 22.28, 113.46, 83.64, 79.05, 25.41, 22.55),
+    ("DirectInversion", "PnP"): (24.29, 22.46, 106.06, 80.45, 79.68, 25.41, 22.62),
+}
+
+
+def pie_bench_published_row(method: str, hparams: dict | None = None) -> tuple[str, str] | None:
+    """The Table 1 row (:data:`PIE_BENCH_TABLE1` key) a method of this package reproduces, or None:
+    ``ddim_p2p`` = DDIM + P2P, ``null_text_p2p`` = Null-text + P2P, ``masactrl`` = DDIM + MasaCtrl,
+    ``pix2pix_zero`` = DDIM + Pix2Pix-Zero, ``pnp`` = DDIM + PnP with ``source_branch=reconstruction``
+    (PIE-Bench's ``ddim+pnp`` runner) and DirectInversion + PnP otherwise (its source branch reads the
+    inversion trajectory, which is what ``directinversion+pnp`` does)."""
+    hp = hparams or {}
+    fixed = {"ddim_p2p": ("DDIM", "P2P"), "null_text_p2p": ("Null-text", "P2P"), "masactrl": ("DDIM", "MasaCtrl"),
+             "pix2pix_zero": ("DDIM", "Pix2Pix-Zero")}
+    if method in fixed:
+        return fixed[method]
+    if method == "pnp":
+        return ("DDIM", "PnP") if str(hp.get("source_branch", "")) == "reconstruction" else ("DirectInversion", "PnP")
+    return None
+
+
+def pie_bench_mask(df: pd.DataFrame) -> pd.Series:
+    """Rows of PIE-Bench runs: ``dataset == "pie_bench"`` or a run tagged ``pie_bench`` (the preset)."""
+    m = df["dataset"].astype(str) == "pie_bench" if "dataset" in df.columns else pd.Series(False, index=df.index)
+    if "_preset" in df.columns:
+        m = m | (df["_preset"].astype(str) == "pie_bench")
+    return m
+
+
+def _editing_type_ids(df: pd.DataFrame) -> pd.Series:
+    """Each row's PIE-Bench editing type id "0".."9" (``editing_type_id`` column, else from the task
+    name); "" when unknown."""
+    from oig.data.pie_bench import EDITING_TYPES
+
+    by_name = {v: k for k, v in EDITING_TYPES.items()}
+    ids = df["task"].astype(str).map(lambda t: by_name.get(t, ""))
+    if "editing_type_id" in df.columns:
+        given = df["editing_type_id"].map(lambda v: "" if v is None or (isinstance(v, float) and math.isnan(v))
+                                          else str(int(v)) if isinstance(v, (int, float)) else str(v))
+        ids = given.where(given.isin(list(EDITING_TYPES)), ids)
+    return ids
+
+
+def pie_bench_statistics(df: pd.DataFrame) -> pd.DataFrame | None:
+    """PIE-Bench's Table 1 columns for the PIE-Bench ``ok`` rows (None without such rows), long format:
+    ``method, setting, editing_type_id, editing_type, metric, label, scale, mean, ci95, n, samples,
+    published, published_row``. ``editing_type_id`` is "0".."9" or "all"; ``mean`` and ``ci95`` are
+    in PIE-Bench's units (the aggregate of :func:`eval.aggregate.aggregate` times ``scale``);
+    ``samples`` counts the ok rows of the group; ``published`` is the Table 1 value of the method's
+    row (:func:`pie_bench_published_row`) on the "all" lines, NaN elsewhere."""
+    from eval.aggregate import aggregate
+    from oig.data.pie_bench import EDITING_TYPES
+
+    pie = df[pie_bench_mask(df) & (df["status"] == "ok")].copy()
+    cols = [c for c, *_ in PIE_BENCH_COLUMNS if c in pie.columns and pd.to_numeric(pie[c], errors="coerce").notna().any()]
+    if not len(pie) or not cols:
+        return None
+    pie["_type"] = _editing_type_ids(pie)
+    spec = {c: (label, scale) for c, label, scale, _ in PIE_BENCH_COLUMNS}
+    out = []
+    hps = hp_columns(pie)
+    for (method, setting), g in pie.groupby(["method", "setting"], sort=False):
+        first = g.iloc[0]
+        row = pie_bench_published_row(method, {_hp_name(c): first[c] for c in hps})
+        published = PIE_BENCH_TABLE1.get(row) if row else None
+        scopes = [("all", g)] + [(t, g[g["_type"] == t]) for t in EDITING_TYPES]
+        for tid, sub in scopes:
+            agg = aggregate(sub, by=[], metrics=cols) if len(sub) else pd.DataFrame(
+                {"metric": cols, "mean": math.nan, "ci95": math.nan, "n": 0})
+            for r in agg.itertuples():
+                label, scale = spec[r.metric]
+                pub = math.nan
+                if tid == "all" and published is not None:
+                    pub = published[[c for c, *_ in PIE_BENCH_COLUMNS].index(r.metric)]
+                out.append({"method": method, "setting": setting, "editing_type_id": tid,
+                            "editing_type": "all" if tid == "all" else EDITING_TYPES[tid], "metric": r.metric,
+                            "label": label, "scale": scale, "mean": r.mean * scale, "ci95": r.ci95 * scale,
+                            "n": int(r.n), "samples": len(sub), "published": pub,
+                            "published_row": " + ".join(row) if row else ""})
+    res = pd.DataFrame(out)
+    rank = {p: i for i, p in enumerate(settings_order(df))}
+    res["_order"] = [rank.get((m, s), 10**6) for m, s in zip(res["method"], res["setting"])]
+    return res.sort_values("_order", kind="stable").drop(columns="_order").reset_index(drop=True)
+
+
+def _pie_cell(r, samples: int, ci: bool = True) -> str:
+    if r is None or math.isnan(r["mean"]):
+        return "nan" if r is not None else ""
+    c = f"{r['mean']:.2f}"
+    if ci and not math.isnan(r["ci95"]):
+        c += f" ± {r['ci95']:.2f}"
+    if int(r["n"]) != samples:
+        c += f" (n={int(r['n'])})"
+    return c
+
+
+def pie_bench_markdown(pie: pd.DataFrame) -> str:
+    """The "PIE-Bench" section of ``report.md`` from :func:`pie_bench_statistics`."""
+    from oig.data.pie_bench import EDITING_TYPES
+
+    metrics = list(dict.fromkeys(pie["metric"]))
+    spec = {c: (label, better) for c, label, _, better in PIE_BENCH_COLUMNS}
+    head = [f"{spec[m][0]}{_arrow_of(spec[m][1])}" for m in metrics]
+    parts = ["## PIE-Bench (Table 1 units)", "",
+             "PIE-Bench's columns in its units: structure distance ×10³, LPIPS ×10³, MSE ×10⁴, SSIM ×10² "
+             "(PSNR, LPIPS, MSE, SSIM of the unedited part), PSNR in dB and CLIP scores as they are; cells are "
+             "mean ± 95% CI in those units (rules above). `published` rows: " + PIE_BENCH_SOURCE + ". "
+             "Which row a method reproduces: ddim_p2p = DDIM + P2P, null_text_p2p = Null-text + P2P, masactrl = "
+             "DDIM + MasaCtrl, pix2pix_zero = DDIM + Pix2Pix-Zero, pnp = DDIM + PnP with "
+             "source_branch=reconstruction, else DirectInversion + PnP.", "",
+             "### All editing types", "",
+             "| method | setting | n | " + " | ".join(head) + " |",
+             "|---|---|---:|" + "---:|" * len(head)]
+    groups = list(dict.fromkeys(zip(pie["method"], pie["setting"])))
+    for m, s in groups:
+        g = pie[(pie["method"] == m) & (pie["setting"] == s) & (pie["editing_type_id"] == "all")]
+        by = {r["metric"]: r for _, r in g.iterrows()}
+        samples = int(g["samples"].iloc[0])
+        parts.append(f"| {m} | {s} | {samples} | " + " | ".join(_pie_cell(by.get(x), samples) for x in metrics) + " |")
+        row = g["published_row"].iloc[0]
+        if row:
+            parts.append(f"| published: {row} | | | " + " | ".join(
+                f"{by[x]['published']:.2f}" if x in by and not math.isnan(by[x]["published"]) else "" for x in metrics)
+                + " |")
+    parts.append("")
+    for m, s in groups:
+        g = pie[(pie["method"] == m) & (pie["setting"] == s)]
+        row = g["published_row"].iloc[0]
+        ids = [t for t in EDITING_TYPES if (g["editing_type_id"] == t).any()] + ["all"]
+        heads = [f"{t} {EDITING_TYPES[t]}" if t != "all" else "all" for t in ids]
+        parts += [f"### Per editing type: {m}{f' ({s})' if s else ''}", "",
+                  "| metric | " + " | ".join(heads) + f" | published{f' ({row})' if row else ''} |",
+                  "|---|" + "---:|" * (len(heads) + 1)]
+        samples = {t: int(g.loc[g["editing_type_id"] == t, "samples"].iloc[0]) for t in ids}
+        parts.append("| samples | " + " | ".join(str(samples[t]) for t in ids) + " | |")
+        for x in metrics:
+            cells = []
+            for t in ids:
+                r = g[(g["editing_type_id"] == t) & (g["metric"] == x)]
+                cells.append(_pie_cell(r.iloc[0] if len(r) else None, samples[t], ci=False))
+            pub = g[(g["editing_type_id"] == "all") & (g["metric"] == x)]["published"]
+            pub_txt = f"{pub.iloc[0]:.2f}" if len(pub) and not math.isnan(pub.iloc[0]) else ""
+            parts.append(f"| {spec[x][0]}{_arrow_of(spec[x][1])} | " + " | ".join(cells) + f" | {pub_txt} |")
+        parts.append("")
+    return "\n".join(parts)
+
+
+def _arrow_of(better: str) -> str:
+    return {"higher": " ↑", "lower": " ↓"}.get(better, "")
+
+
 # ------------------------------------------------------------------ report
 def markdown_report(df: pd.DataFrame, stats: pd.DataFrame, runs: Sequence[Path], metrics: Sequence[str],
                     figures: Sequence[str] = (), digits: int = 3) -> str:
@@ -527,6 +715,9 @@ def markdown_report(df: pd.DataFrame, stats: pd.DataFrame, runs: Sequence[Path],
     failed = [f"{m} {s}".strip() for m, s in settings_order(df) if (m, s) not in ok_groups]
     if failed:
         parts += [f"No successful rows (not in the tables; see Runs and errors): {', '.join(failed)}.", ""]
+    pie = pie_bench_statistics(df)
+    if pie is not None:
+        parts += [pie_bench_markdown(pie)]
     for t in [t for t in dict.fromkeys(stats["task"]) if t != "all"]:
         parts += [f"## Task: {t}", "", markdown_table(stats, t, metrics, digits)]
     parts += ["## Runs and errors", "", runs_table(df)]
@@ -578,6 +769,10 @@ def write_report(paths: Sequence[str | Path], out: str | Path | None = None, sam
             fig.savefig(out / f"{stem}.{ext}", dpi=150)
             written[f"{stem}_{ext}"] = out / f"{stem}.{ext}"
         figures.append(f"{stem}.png")
+    pie = pie_bench_statistics(df)
+    if pie is not None:
+        pie.to_csv(out / "report_pie_bench.csv", index=False)
+        written["pie_bench"] = out / "report_pie_bench.csv"
     (out / "report.md").write_text(markdown_report(df, stats, runs, shown, figures, digits))
     written["markdown"] = out / "report.md"
     log.info("report in %s: %s", out, ", ".join(p.name for p in written.values()))
