@@ -15,7 +15,8 @@ Real-image editing as the reference's ``playground_real.ipynb`` and PIE-Bench's
    ``>= start_layer`` (10 of SD's 16: the last six decoder layers), the target rows' queries
    attend to the source row's keys and values of the same CFG half (both halves).
    Cross-attention is untouched. ``source_from_inversion: true`` feeds the source row the
-   inverted latents instead (the reference's ``ref_intermediate_latents`` option).
+   inverted latent of each step instead (the reference's ``ref_intermediate_latents`` option;
+   the reconstruction is then the last step's output from the inverted latent of the last timestep).
 
 Layer rule for other U-Nets: ``start_layer`` counts SD's ``ref_layers = 16`` transformer
 layers (down, mid, up in call order); a U-Net with ``T`` transformer layers controls layers
@@ -176,7 +177,11 @@ class MasaCtrl(Editor):
         callback = None
         if self.source_from_inversion:
             def callback(i, t, x_new, x0):
-                return torch.cat([inv.trajectory[i + 1], x_new[1:]])
+                # the reference swaps the source row for ref_intermediate_latents[-1 - i] before
+                # every U-Net call (diffuser_utils.py:169-174): after the last step it keeps its output
+                if i + 1 < self.steps:
+                    return torch.cat([inv.trajectory[i + 1], x_new[1:]])
+                return None
         with timer("sampling"):
             cond = c.encode_text([src_prompt, req.target_prompt])
             neg = c.encode_text([self.negative_text(req)] * 2)

@@ -1,18 +1,33 @@
 """Plug-and-Play diffusion features (Tumanyan et al., CVPR'23), after MichalGeyer/pnp-diffusers.
 
 1. DDIM-invert the source (standard index convention, prompt ``inversion_prompt`` — ``""`` as
-   pnp-diffusers' ``inversion_prompt`` default — guidance 1), keeping the latent at every
-   timestep. ``inversion_steps: null`` inverts with as many steps as the sampling (50: PIE-Bench's
-   re-run); ``999`` is the reference preprocessing, whose latents are then read at the 50
-   sampling timesteps (any count whose timesteps include the sampling ones works).
-2. Sample the batch ``[source, neg·target, cond·target]`` from the inverted noise: the source
-   row is the *inverted* latent at each timestep with the inversion prompt, unguided
-   (pnp-diffusers' ``pnp_guidance_embeds`` is always ``""``, equal to its default inversion
-   prompt; we use the inversion prompt so that a non-empty one stays consistent), the two
-   target rows are the CFG pair
-   (``guidance`` 7.5, ``negative`` defaulting to pnp-diffusers' "ugly, blurry, black, low
-   res, unrealistic").
-3. For the first ``int(steps · pnp_f_t)`` steps the source row's residual-branch output (conv2,
+   pnp-diffusers' ``inversion_prompt`` default; PIE-Bench's runner inverts with the source
+   prompt — guidance 1), keeping the latent at every timestep. ``inversion_steps: null``
+   inverts with as many steps as the sampling (50: PIE-Bench's re-run); ``999`` is the
+   reference preprocessing, whose latents are then read at the 50 sampling timesteps (any
+   count whose timesteps include the sampling ones works).
+2. The source branch (``source_branch``) gives the source row's latent at every sampling step:
+
+   * ``inversion`` (pnp-diffusers; PIE-Bench's ``directinversion+pnp`` row): the *inverted*
+     latent at that timestep; sampling starts from the inverted latent at the first sampling
+     timestep.
+   * ``reconstruction`` (PIE-Bench's ``ddim+pnp`` row, ``run_editing_pnp.py:144-156,377-427``):
+     an unguided DDIM reconstruction with the inversion prompt runs over the sampling timesteps
+     from the inverted latent at the first one (PIE-Bench: 50 inversion steps, so the inverted
+     noise), and at step ``i`` (timestep ``t_i``) the source row reads the reconstruction
+     latent *after* step ``i``, at ``abar(t_{i+1})``: one step less noisy than ``t_i`` (the
+     runner reverses the list of its sampling loop's outputs and indexes it as if it held the
+     inputs). The target starts from the first of them (at ``abar(t_1)``, denoised as if it
+     were at ``t_0``); the last step's source is the reconstructed clean latent.
+
+   ``EditResult.extras["source_latents"]`` holds the source row's latent of every step.
+
+3. Sample the batch ``[source, neg·target, cond·target]``: the source row with the text
+   ``source_text``, unguided (``empty``: ``""``, pnp-diffusers' and PIE-Bench's
+   ``pnp_guidance_embeds`` whatever the inversion prompt; ``inversion``: the inversion prompt),
+   the two target rows the CFG pair (``guidance`` 7.5, ``negative`` defaulting to
+   pnp-diffusers' "ugly, blurry, black, low res, unrealistic"), one U-Net call per step.
+4. For the first ``int(steps · pnp_f_t)`` steps the source row's residual-branch output (conv2,
    before the skip connection) of the feature ResNet replaces both target rows'; for the
    first ``int(steps · pnp_attn_t)`` steps the source row's self-attention queries and keys
    replace the targets' (values stay the target's) in the injected decoder layers.
@@ -106,20 +121,28 @@ class PnPControl(AttentionController):
         return None
 
 
+SOURCE_BRANCHES = ("inversion", "reconstruction")
+
+
 @register_editor("pnp")
 class PnP(Editor):
     """Plug-and-Play real-image editing (see the module docstring)."""
 
     def __init__(self, steps: int = 50, guidance: float = 7.5, negative: str = PNP_NEGATIVE,
-                 inversion_prompt: str = "empty", inversion_steps: int | None = None, pnp_f_t: float = 0.8,
+                 inversion_prompt: str = "empty", inversion_steps: int | None = None,
+                 source_branch: str = "inversion", source_text: str = "empty", pnp_f_t: float = 0.8,
                  pnp_attn_t: float = 0.5, feature_layer: str = "auto", attn_layers="auto",
                  resize_mode: str = "keep_aspect", encode: str = "mean"):
         super().__init__(steps, guidance, negative, resize_mode, encode)
         for n, v in (("pnp_f_t", pnp_f_t), ("pnp_attn_t", pnp_attn_t)):
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"pnp: {n} must be in [0, 1], got {v}")
+        if source_branch not in SOURCE_BRANCHES:
+            raise ValueError(f"pnp: source_branch must be one of {list(SOURCE_BRANCHES)}, got {source_branch!r}")
         self.inversion_prompt = inversion_prompt
         self.inversion_steps = inversion_steps
+        self.source_branch = source_branch
+        self.source_text = source_text
         self.pnp_f_t = pnp_f_t
         self.pnp_attn_t = pnp_attn_t
         self.feature_layer = feature_layer
@@ -140,6 +163,24 @@ class PnP(Editor):
                              f"{missing[:5]} (steps={self.steps}); use inversion_steps: null (= steps) or 999")
         return [inv.trajectory[pos[t]] for t in ts]
 
+    def _reconstruction_latents(self, x: torch.Tensor, cond: torch.Tensor) -> list[torch.Tensor]:
+        """PIE-Bench's ``ddim+pnp`` source latents: the outputs of an unguided DDIM reconstruction
+        from ``x`` (the inverted latent at the first sampling timestep) with ``cond``, one per
+        step; entry ``i`` (after step ``i``) is what the source row reads at step ``i``."""
+        out: list[torch.Tensor] = []
+
+        def keep(i, t, x_prev, x0):
+            out.append(x_prev)
+
+        self.core.sample(x, cond, steps=self.steps, callback=keep, desc="pnp reconstruction")
+        return out
+
+    def source_prompt_text(self, req: EditRequest) -> str:
+        """The source row's text: ``inversion`` -> the inversion prompt, else as :func:`prompt_text`."""
+        if self.source_text == "inversion":
+            return prompt_text(self.inversion_prompt, req)
+        return prompt_text(self.source_text, req)
+
     def edit(self, req: EditRequest, src, timer: Timer) -> EditResult:
         c, unet = self.core, self.core.m.unet
         inv_prompt = prompt_text(self.inversion_prompt, req)
@@ -148,12 +189,15 @@ class PnP(Editor):
                                  seed=req.seed)
         ts, d = c.timesteps(self.steps), c.step_size(self.steps)
         source = self._source_latents(inv, ts)
+        if self.source_branch == "reconstruction":
+            with timer("reconstruction"):
+                source = self._reconstruction_latents(source[0], c.encode_text([inv_prompt]))
         feature = (pnp_feature_layer(unet) if self.feature_layer == "auto"
                    else resnet_layers(unet, [self.feature_layer])[0])
         ctrl = PnPControl(int(self.steps * self.pnp_f_t), int(self.steps * self.pnp_attn_t), self.attn_layers)
         ctrl.total_steps = self.steps
         with timer("sampling"):
-            emb = torch.cat([c.encode_text([inv_prompt]), c.encode_text([self.negative_text(req)]),
+            emb = torch.cat([c.encode_text([self.source_prompt_text(req)]), c.encode_text([self.negative_text(req)]),
                              c.encode_text([req.target_prompt])])
             x = source[0]
             hooks = FeatureHooks(unet, [feature], store=False, replace=ctrl.replace_feature)
@@ -166,5 +210,6 @@ class PnP(Editor):
                     x, _ = c.ddim_step(x, e, t, t - d)
             self.check_finite(x, "sampling")
             out_img = c.decode_pil(x)
-        return EditResult(image=out_img, source=src, extras={"latent": x, "feature_layer": feature},
+        return EditResult(image=out_img, source=src, extras={"latent": x, "feature_layer": feature,
+                                                              "source_latents": source},
                           info={"inversion_cached": inv.from_cache})

@@ -139,9 +139,14 @@ def test_disabled_injection_equals_ddim_word_swap(tiny_models, toy_img):
     same = dict(steps=STEPS, guidance=5.0, negative="source", inversion_prompt="source")
     pnp = PnP(pnp_f_t=0.0, pnp_attn_t=0.0, **same).bind(tiny_models)(_req(toy_img))
     masa = MasaCtrl(inversion_guidance=1.0, start_step=STEPS, **same).bind(tiny_models)(_req(toy_img))
-    for r in (pnp, masa):
-        assert torch.equal(r.extras["latent"], z_ref)
-        assert np.array_equal(_arr(r.image), _arr(ref.image))
+    assert torch.equal(pnp.extras["latent"], z_ref)
+    assert np.array_equal(_arr(pnp.image), _arr(ref.image))
+    # MasaCtrl denoises [source, target] in one CFG batch of four rows: bit for bit the plain DDIM
+    # of that batch; against the one-row word swap only up to float32 rounding, as the CPU's GEMM
+    # kernels may depend on the batch size
+    z_pair = c.sample(torch.cat([inv.xT, inv.xT]), c.encode_text([SRC, TGT]), c.encode_text([SRC, SRC]), 5.0, STEPS)
+    assert torch.equal(masa.extras["latent"], z_pair[1:])
+    assert torch.allclose(masa.extras["latent"], z_ref, atol=1e-4)
     # ... and switching injection on does change the edit
     pnp_on = PnP(pnp_f_t=1.0, pnp_attn_t=1.0, **same).bind(tiny_models)(_req(toy_img))
     masa_on = MasaCtrl(inversion_guidance=1.0, start_step=0, start_layer=0, **same).bind(tiny_models)(_req(toy_img))
@@ -263,8 +268,8 @@ def test_p2p_controller_edits_conditional_target_only(tiny_models):
     ctrl.begin_step(6)  # self_replace = 0.6 of 10 steps
     assert not ctrl.active(self_lo)
 
-    refine = PromptToPrompt(tok, SRC, "a striped red circle on a gray background", steps=10, edit_type="reweight",
-                            reweight_value=3.0)
+    refine = PromptToPrompt(tok, SRC, "a striped red circle on a gray background", steps=10, edit_type="auto",
+                            reweight_words="auto", reweight_value=3.0)
     assert refine.base_type == "refine"
     refine.begin_step(0)
     out = refine.edit_probs(cross, probs.clone())[3]
