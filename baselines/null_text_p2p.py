@@ -164,8 +164,8 @@ class _P2P(Editor):
     def __init__(self, steps: int = 50, guidance: float = 7.5, negative: str = "empty", edit_type: str = "auto",
                  cross_replace=0.4, self_replace=0.6, self_replace_res: float = 0.5, blend_words=None,
                  blend_threshold: float = 0.3, blend_start: float = 0.2, reweight_words=None,
-                 reweight_value: float = 2.0, missing_words: str = "error", resize_mode: str = "keep_aspect",
-                 encode: str = "mean"):
+                 reweight_value: float = 2.0, missing_words: str = "error", mapper: str = "aligned",
+                 resize_mode: str = "keep_aspect", encode: str = "mean"):
         super().__init__(steps, guidance, negative, resize_mode, encode)
         if edit_type == "reweight":
             raise ValueError("P2P edit_type=reweight is no longer a base edit: set edit_type to auto, replace or "
@@ -174,6 +174,9 @@ class _P2P(Editor):
             raise ValueError(f"unknown P2P edit_type {edit_type!r}; use auto, replace or refine")
         if missing_words not in ("error", "ignore"):
             raise ValueError(f"unknown P2P missing_words {missing_words!r}; use error or ignore")
+        if mapper not in ("aligned", "reference"):
+            raise ValueError(f"unknown P2P mapper {mapper!r}; use aligned or reference")
+        self.mapper = mapper
         self.edit_type = edit_type
         self.cross_replace = cross_replace if isinstance(cross_replace, (int, float)) else list(cross_replace)
         self.self_replace = self_replace if isinstance(self_replace, (int, float)) else list(self_replace)
@@ -192,7 +195,8 @@ class _P2P(Editor):
         return PromptToPrompt(self.core.m.tokenizer, req.source_prompt, req.target_prompt, self.steps,
                               self.edit_type, self.cross_replace, self.self_replace, self.self_replace_res,
                               self.reweight_words, self.reweight_value, self.blend_words, self.blend_threshold,
-                              self.blend_start, edit_words=req.edit_words(), missing_words=self.missing_words)
+                              self.blend_start, edit_words=req.edit_words(), missing_words=self.missing_words,
+                              mapper=self.mapper)
 
     def invert(self, req: EditRequest, src, timer: Timer):
         """Returns ``(xT, negatives, from_cache)``: a tensor or a per-step list of embeddings."""
@@ -240,12 +244,12 @@ class NullTextP2P(_P2P):
     def __init__(self, steps: int = 50, guidance: float = 7.5, negative: str = "empty", edit_type: str = "auto",
                  cross_replace=0.4, self_replace=0.6, self_replace_res: float = 0.5, blend_words=None,
                  blend_threshold: float = 0.3, blend_start: float = 0.2, reweight_words=None,
-                 reweight_value: float = 2.0, missing_words: str = "error", inner_steps: int = 10, lr: float = 1e-2,
-                 early_stop: float = 1e-5, allow_half: bool = False, resize_mode: str = "keep_aspect",
-                 encode: str = "mean"):
+                 reweight_value: float = 2.0, missing_words: str = "error", mapper: str = "aligned",
+                 inner_steps: int = 10, lr: float = 1e-2, early_stop: float = 1e-5, allow_half: bool = False,
+                 resize_mode: str = "keep_aspect", encode: str = "mean"):
         super().__init__(steps, guidance, negative, edit_type, cross_replace, self_replace, self_replace_res,
                          blend_words, blend_threshold, blend_start, reweight_words, reweight_value, missing_words,
-                         resize_mode, encode)
+                         mapper, resize_mode, encode)
         self.inner_steps = inner_steps
         self.lr = lr
         self.early_stop = early_stop

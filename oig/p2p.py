@@ -87,8 +87,16 @@ def word_positions(tokenizer, prompt: str, words, max_len: int = 77, missing: st
     return [p for p in out if p < max_len - 1]
 
 
-def replacement_mapper(tokenizer, source: str, target: str, max_len: int = 77) -> torch.Tensor:
-    """``[max_len, max_len]`` matrix ``M``: target cross-attention map = source map @ ``M``."""
+def replacement_mapper(tokenizer, source: str, target: str, max_len: int = 77, mode: str = "aligned") -> torch.Tensor:
+    """``[max_len, max_len]`` matrix ``M``: target cross-attention map = source map @ ``M``.
+
+    ``mode="aligned"`` keeps every token after a swapped word aligned with its own source token;
+    ``mode="reference"`` reproduces ``seq_aligner.get_replacement_mapper_`` exactly: after the last
+    swapped word it writes ``M[j, j]`` (target position on both axes), which misaligns the later
+    tokens whenever a swap changed the token count (identical otherwise).
+    """
+    if mode not in ("aligned", "reference"):
+        raise ValueError(f"unknown replacement mapper mode {mode!r}; use aligned or reference")
     ws, wt = word_token_spans(tokenizer, source), word_token_spans(tokenizer, target)
     if len(ws) != len(wt):
         raise ValueError(f"attention replacement needs prompts with the same number of words; got {len(ws)} "
@@ -99,10 +107,14 @@ def replacement_mapper(tokenizer, source: str, target: str, max_len: int = 77) -
         if i < max_len and j < max_len:
             m[i, j] = v
 
+    last_swap = max((k for k, ((a, _), (b, _)) in enumerate(zip(ws, wt)) if a != b), default=-1)
     put(0, 0, 1.0)
     i = j = 1
-    for (_, ps), (_, pt) in zip(ws, wt):
-        if len(ps) == len(pt):
+    for k, ((_, ps), (_, pt)) in enumerate(zip(ws, wt)):
+        if mode == "reference" and k > last_swap:
+            for b in pt:
+                put(b, b, 1.0)
+        elif len(ps) == len(pt):
             for a, b in zip(ps, pt):
                 put(a, b, 1.0)
         else:
@@ -112,7 +124,7 @@ def replacement_mapper(tokenizer, source: str, target: str, max_len: int = 77) -
         i += len(ps)
         j += len(pt)
     while i < max_len and j < max_len:
-        m[i, j] = 1.0
+        m[j if mode == "reference" else i, j] = 1.0
         i += 1
         j += 1
     return m
@@ -214,12 +226,15 @@ class PromptToPrompt(AttentionController):
 
     ``missing_words``: a blend / re-weight word that is not in its prompt raises (``error``) or
     gets no attention map (``ignore``, what the reference's ``get_word_inds`` does).
+
+    ``mapper`` (replace only): ``aligned`` or ``reference`` (see :func:`replacement_mapper`).
     """
 
     def __init__(self, tokenizer, source: str, target: str, steps: int, edit_type: str = "auto",
                  cross_replace=0.4, self_replace=0.6, self_replace_res: float = 0.5, reweight_words=None,
                  reweight_value: float = 2.0, blend_words=None, blend_threshold: float = 0.3,
-                 blend_start: float = 0.2, edit_words: tuple[str, str] | None = None, missing_words: str = "error"):
+                 blend_start: float = 0.2, edit_words: tuple[str, str] | None = None, missing_words: str = "error",
+                 mapper: str = "aligned"):
         super().__init__()
         if edit_type == "reweight":
             raise ValueError("edit_type=reweight is no longer a base edit: choose the base with edit_type "
@@ -235,7 +250,7 @@ class PromptToPrompt(AttentionController):
         self.edit_type, self.base_type = edit_type, base
         self.mapper = self.alphas = self.equalizer = None
         if base == "replace":
-            self.mapper = replacement_mapper(tokenizer, source, target, L)
+            self.mapper = replacement_mapper(tokenizer, source, target, L, mapper)
         else:
             self.mapper, self.alphas = refinement_mapper(tokenizer, source, target, L)
         self.reweight_words = self._reweight_words(reweight_words, source, target, edit_words)

@@ -18,7 +18,7 @@ from PIL import Image
 from baselines.null_text_p2p import DDIMP2P, NullText, NullTextP2P, optimise_null_text
 from oig.attn_control import AttnLayer
 from oig.diffusion import Diffusion
-from oig.p2p import PromptToPrompt, word_positions
+from oig.p2p import PromptToPrompt, word_positions, word_token_spans
 from oig.toy import world
 from oig.types import EditRequest, Sample, edit_words
 
@@ -288,3 +288,52 @@ def test_load_sd_enforces_sd_scheduler_settings(tmp_path, caplog):
     assert "clip_sample=True" in caplog.text and str(folder) in caplog.text
     assert float(m.scheduler.final_alpha_cumprod) == float(m.scheduler.alphas_cumprod[0])
     shutil.rmtree(folder)
+
+
+# ------------------------------------------------------------------ replace mapper: aligned vs the reference's
+def _reference_replacement_mapper(x, y, tokenizer, max_len=77):
+    """Transcription of prompt-to-prompt ``seq_aligner.get_replacement_mapper_`` (word positions by
+    our per-word tokenisation, which tiles CLIP's BPE exactly as its decoded-length walk does)."""
+    wx, wy = x.split(" "), y.split(" ")
+    sx, sy = word_token_spans(tokenizer, x), word_token_spans(tokenizer, y)
+    swaps = [k for k in range(len(wy)) if wy[k] != wx[k]]
+    src = [sx[k][1] for k in swaps]
+    tgt = [sy[k][1] for k in swaps]
+    m = torch.zeros(max_len, max_len)
+    i = j = cur = 0
+    while i < max_len and j < max_len:
+        if cur < len(src) and src[cur][0] == i:
+            a, b = src[cur], tgt[cur]
+            if len(a) == len(b):
+                m[a, b] = 1
+            else:
+                for bt in b:
+                    m[a, bt] = 1 / len(b)
+            cur += 1
+            i += len(a)
+            j += len(b)
+        elif cur < len(src):
+            m[i, j] = 1
+            i += 1
+            j += 1
+        else:
+            m[j, j] = 1
+            i += 1
+            j += 1
+    return m
+
+
+@pytest.mark.parametrize("target", [TGT, "a red zebra on a gray background", "a blue square on a gray background",
+                                    "a red circle on a pink background", SRC])
+def test_reference_replace_mapper_equals_seq_aligner(tiny_models, target):
+    from oig.p2p import replacement_mapper
+
+    tok = tiny_models.tokenizer
+    ref = _reference_replacement_mapper(SRC, target, tok)
+    assert torch.equal(replacement_mapper(tok, SRC, target, mode="reference"), ref)
+    aligned = replacement_mapper(tok, SRC, target)
+    same_count = all(len(a) == len(b) for (_, a), (_, b) in zip(word_token_spans(tok, SRC), word_token_spans(tok, target)))
+    # the two agree unless a swap changes the token count ("zebra" is 5 tokens in the tiny vocabulary)
+    assert torch.equal(aligned, ref) == same_count
+    ctrl = PromptToPrompt(tok, SRC, target, steps=10, edit_type="replace", mapper="reference")
+    assert torch.equal(ctrl.mapper, ref)
