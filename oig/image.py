@@ -119,21 +119,58 @@ def to_unit(img: Image.Image) -> np.ndarray:
     return np.asarray(img, dtype=np.float32) / 255.0
 
 
-def make_grid(rows: list[list[Image.Image]], labels: list[str] | None = None, pad: int = 2) -> Image.Image:
-    """Tile images (rows x columns, all resized to the first image's size) into one picture."""
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)  # scalable (Pillow >= 10.1 with FreeType)
+    except TypeError:  # older Pillow: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _fit_text(draw, text: str, width: int, size: int, min_size: int = 8):
+    """``(text, font)`` that fits in ``width`` pixels: the font shrunk down to ``min_size``, then the
+    text shortened with an ellipsis."""
+    for s in range(size, min_size - 1, -1):
+        font = _font(s)
+        if draw.textlength(text, font=font) <= width:
+            return text, font
+    font = _font(min_size)
+    while len(text) > 1 and draw.textlength(text + "…", font=font) > width:
+        text = text[:-1]
+    return text + "…", font
+
+
+def make_grid(rows: list[list[Image.Image]], labels: list[str] | None = None, pad: int = 2,
+              row_labels: list[str] | None = None) -> Image.Image:
+    """Tile images (rows x columns, all resized to the first image's size) into one picture.
+
+    ``labels``: column headers, centred above each column, in a font that fits the column (shrunk,
+    then shortened with "…" only when even the smallest size is too wide). ``row_labels``: one text
+    per row, drawn in a left margin as wide as the longest of them, so nothing is clipped."""
     from PIL import ImageDraw
 
     w, h = rows[0][0].size
     ncol = max(len(r) for r in rows)
-    top = 12 if labels else 0
-    grid = Image.new("RGB", (ncol * (w + pad) + pad, top + len(rows) * (h + pad) + pad), (255, 255, 255))
-    if labels:
-        d = ImageDraw.Draw(grid)
-        for j, lab in enumerate(labels[:ncol]):
-            d.text((pad + j * (w + pad), 0), lab[: max(4, w // 6)], fill=(0, 0, 0))
+    size = max(10, min(16, w // 6))
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    heads = [_fit_text(probe, lab, w, size) for lab in (labels or [])[:ncol]]
+    top = (max(probe.textbbox((0, 0), t, font=f)[3] for t, f in heads) + 2 * pad) if heads else 0
+    left = 0
+    row_font = _font(size)
+    if row_labels:
+        left = int(max(probe.textlength(t, font=row_font) for t in row_labels)) + 3 * pad
+    grid = Image.new("RGB", (left + ncol * (w + pad) + pad, top + len(rows) * (h + pad) + pad), (255, 255, 255))
+    d = ImageDraw.Draw(grid)
+    for j, (text, font) in enumerate(heads):
+        x = left + pad + j * (w + pad) + (w - d.textlength(text, font=font)) / 2
+        d.text((x, pad), text, fill=(0, 0, 0), font=font)
     for i, r in enumerate(rows):
+        y = top + pad + i * (h + pad)
+        if row_labels and i < len(row_labels):
+            d.text((pad, y + h / 2), row_labels[i], fill=(0, 0, 0), font=row_font, anchor="lm")
         for j, im in enumerate(r):
             if im is None:
                 continue
-            grid.paste(im.resize((w, h)), (pad + j * (w + pad), top + pad + i * (h + pad)))
+            grid.paste(im.resize((w, h)), (left + pad + j * (w + pad), y))
     return grid

@@ -1,15 +1,24 @@
 """``oig-report``: tables and figures from one or more run folders.
 
-``oig-report DIR... [--out OUT]`` finds every run folder under the given folders (any folder
-holding ``rows/`` or ``results.parquet``, searched recursively: single runs, multiruns,
-shards), merges their rows and writes to ``OUT``:
+``oig-report DIR... [--out OUT] [--ref METHOD] [--html]`` finds every run folder under the given
+folders (any folder holding ``rows/`` or ``results.parquet``, searched recursively: single runs,
+multiruns, shards), merges their rows and writes to ``OUT``:
 
-* ``report.md``: the results table overall and per task (mean ± 95% CI per method and, when
-  runs of one method differ, per setting), a runs/errors table and the rules used;
-* ``report.csv``: the same statistics in long format (one line per scope, group and metric);
+* ``report.md``, opening with, per preset present (:func:`presets`: the toy world, the paper's
+  metrics, PIE-Bench), the **headline table** (:data:`HEADLINE`: only the metrics its protocol
+  reports, in its units, one row per method and setting, mean ± 95% CI, the best value per column
+  in bold) and the **paired comparison** of every method with a reference (``--ref``, default the
+  preset's baseline :data:`DEFAULT_REF`) on the samples both have ``ok``: mean difference, paired
+  bootstrap 95% CI, Wilcoxon signed-rank test with Holm correction, verdict (:mod:`eval.paired`);
+  λ sweeps (:data:`SWEEP_HPS`) get the same against λ = 0. Then per-task headline tables where
+  every cell has n ≥ :data:`PER_TASK_MIN_N` (else one line saying so), the PIE-Bench section, the
+  figures, and an appendix: the rules, every metric overall (columns that duplicate another,
+  :data:`ALIASES`, once), every p-value; a runs/errors table last;
+* ``report.csv``: the statistics of every metric in long format (one line per scope, group and metric);
+* ``report_paired.csv``: every paired comparison (reference and λ sweeps), unscaled;
 * ``report_rows.csv``: the merged per-sample rows the statistics were computed from;
-* ``report_grid.png`` / ``.pdf``: qualitative grid, rows = samples, columns = source (and the
-  exact target when known) then each method's edit, the same samples in every column;
+* ``report_grid.png`` / ``.pdf``: qualitative grid, rows = samples (several per task, the same in
+  every column), columns = source (and the exact target when known) then each method's edit;
 * ``report_tradeoff_<method>_<hp>.png`` / ``.pdf``: when the runs of one method sweep a
   hyperparameter (e.g. ``hp_lambda2``), a CLIP metric against structure distance, one point
   per value (the paper's Figure 5); ablation variants get the same plot, unconnected.
@@ -19,10 +28,12 @@ shards), merges their rows and writes to ``OUT``:
   PSNR and CLIP as they are), per method over all samples and per editing type (the ten types,
   from the task name or an ``editing_type_id`` column), next to the published Table 1 row the
   method reproduces (:data:`PIE_BENCH_TABLE1`, :func:`pie_bench_published_row`).
+* ``gallery.html`` with ``--html``: one self-contained page to browse every sample (:mod:`oig.gallery`).
 
 Default ``OUT``: the folder given when there is one, else ``reports/<timestamp>``.
 
-Statistics come from :func:`eval.aggregate.aggregate`, the one aggregation of this package.
+Statistics come from :func:`eval.aggregate.aggregate`, the one aggregation of this package, and
+the paired comparisons from :mod:`eval.paired`.
 Rows from several folders (e.g. dataset shards) are concatenated; a row whose
 (method, model, dataset, seed, hyperparameters, id) was already seen is a duplicate and
 dropped with a warning (an ``ok`` row wins over an ``error`` row, then the first folder given).
@@ -376,9 +387,15 @@ def _column_label(m: str, s: str) -> str:
     return f"{m}\n{s}"
 
 
-def grid_samples(df: pd.DataFrame, n: int = 6) -> list[str]:
-    """Up to ``n`` sample ids, taken round-robin over tasks, that every (method, setting) edited
-    successfully (image saved); if no id is common to all, the ids covered by the most columns."""
+#: default rows of the qualitative grid: this many samples per task, within [GRID_MIN, GRID_MAX]
+GRID_PER_TASK, GRID_MIN, GRID_MAX = 2, 4, 12
+
+
+def grid_samples(df: pd.DataFrame, n: int | None = None) -> list[str]:
+    """Up to ``n`` sample ids, taken round-robin over tasks (so several samples of every task, each
+    task's in id order), that every (method, setting) edited successfully (image saved); if no id is
+    common to all, the ids covered by the most columns. ``n=None``: :data:`GRID_PER_TASK` per task,
+    at least :data:`GRID_MIN`, at most :data:`GRID_MAX`."""
     ok = df[df["status"] == "ok"]
     cols = settings_order(df)
     have: dict[str, int] = {}
@@ -396,6 +413,8 @@ def grid_samples(df: pd.DataFrame, n: int = 6) -> list[str]:
     by_task: dict[str, list[str]] = {}
     for i in ids:
         by_task.setdefault(task_of[i], []).append(i)
+    if n is None:
+        n = min(GRID_MAX, max(GRID_MIN, GRID_PER_TASK * len(by_task)))
     out = []
     queues = [by_task[t] for t in sorted(by_task)]
     while len(out) < n and any(queues):
@@ -405,9 +424,17 @@ def grid_samples(df: pd.DataFrame, n: int = 6) -> list[str]:
     return out
 
 
-def grid_figure(df: pd.DataFrame, n: int = 6, cell: float = 1.6):
-    """Qualitative grid (matplotlib Figure): rows = samples, columns = source | target (when the
-    exact target is known) | each (method, setting)'s edit. ``None`` when no images were saved."""
+def _wrap(text: str, width: int) -> list[str]:
+    import textwrap
+
+    return textwrap.wrap(text, width, break_long_words=True, break_on_hyphens=False) or [""]
+
+
+def grid_figure(df: pd.DataFrame, n: int | None = None, cell: float = 1.6, label_width: float = 2.0):
+    """Qualitative grid (matplotlib Figure): rows = samples (:func:`grid_samples`), columns = source |
+    target (when the exact target is known) | each (method, setting)'s edit. Each row's sample id and
+    prompts are wrapped into a left margin ``label_width`` inches wide, inside the figure (never
+    clipped). ``None`` when no images were saved."""
     ids = grid_samples(df, n)
     if not ids:
         return None
@@ -419,11 +446,18 @@ def grid_figure(df: pd.DataFrame, n: int = 6, cell: float = 1.6):
         first_run.setdefault(i, run)
     has_target = any(_image(first_run[i], i, "target") is not None for i in ids)
     heads = ["source"] + (["target"] if has_target else []) + [_column_label(m, s) for m, s in cols]
-    fig = new_figure((cell * len(heads), cell * len(ids) + 0.6))
+    title_h = 0.14 * max(h.count("\n") + 1 for h in heads) + 0.12  # inches above the first row
+    gap = 0.06
+    width = label_width + len(heads) * cell + 0.1
+    height = title_h + len(ids) * cell + 0.1
+    fig = new_figure((width, height))
     axes = fig.subplots(len(ids), len(heads), squeeze=False)
+    fig.subplots_adjust(left=label_width / width, right=1 - 0.1 / width, top=1 - title_h / height,
+                        bottom=0.1 / height, wspace=gap / (cell - gap), hspace=gap / (cell - gap))
     prompts = {}
     if {"source_prompt", "target_prompt"} <= set(ok.columns):
-        prompts = {i: f"{a} → {b}" for i, a, b in zip(ok["id"], ok["source_prompt"], ok["target_prompt"])}
+        prompts = {i: (str(a), str(b)) for i, a, b in zip(ok["id"], ok["source_prompt"], ok["target_prompt"])}
+    chars = max(12, int(label_width * 72 / (6 * 0.55)))  # characters per line at 6 pt
     for r, sid in enumerate(ids):
         imgs = [_image(first_run[sid], sid, "source")]
         if has_target:
@@ -442,9 +476,13 @@ def grid_figure(df: pd.DataFrame, n: int = 6, cell: float = 1.6):
                 ax.text(0.5, 0.5, "n/a", ha="center", va="center", transform=ax.transAxes, fontsize=8)
             if r == 0:
                 ax.set_title(heads[c], fontsize=7)
-        label = sid if sid not in prompts else f"{sid}\n{prompts[sid]}"
-        axes[r][0].set_ylabel(label, fontsize=6, rotation=0, ha="right", va="center")
-    fig.tight_layout()
+        lines = _wrap(sid, chars)
+        if sid in prompts:
+            src, tgt = prompts[sid]
+            lines += _wrap(src, chars) + _wrap("→ " + tgt, chars)
+        box = axes[r][0].get_position()
+        fig.text(0.08 / width, (box.y0 + box.y1) / 2, "\n".join(lines), fontsize=6, ha="left", va="center",
+                 linespacing=1.25)
     return fig
 
 
@@ -701,40 +739,382 @@ def _arrow_of(better: str) -> str:
     return {"higher": " ↑", "lower": " ↓"}.get(better, "")
 
 
+# ------------------------------------------------------------------ headline and paired comparisons
+#: the metrics each preset's protocol reports, in its units: (column, or "a|b" = the first of them
+#: present, header, scale, better). toy: the toy world's oracle metrics (``metrics=toy``); paper:
+#: pix2pix-zero's Table 1 metrics (``metrics=paper``, CLIP-Acc in %); pie_bench: PIE-Bench's Table 1.
+HEADLINE = {
+    "toy": (("toy_edit_success", "edit success", 1.0, "higher"),
+            ("toy_attrs_kept", "attributes kept", 1.0, "higher"),
+            ("toy_structure_kept", "structure kept", 1.0, "higher"),
+            ("toy_bg_psnr|bg_psnr", "background PSNR (dB)", 1.0, "higher"),
+            ("clip_acc", "CLIP accuracy", 1.0, "higher"),
+            ("time_total", "time (s)", 1.0, "lower")),
+    "paper": (("clip_acc", "CLIP-Acc (%)", 100.0, "higher"),
+              ("clip_score", "CLIP score", 1.0, "higher"),
+              ("structure_dist", "structure distance", 1.0, "lower"),
+              ("bg_lpips", "BG-LPIPS", 1.0, "lower")),
+    "pie_bench": PIE_BENCH_COLUMNS,
+}
+PRESET_NAMES = {"toy": "toy world", "paper": "paper metrics (pix2pix-zero / OIG Table 1)", "pie_bench": "PIE-Bench"}
+#: each preset's baseline, the default reference of the paired comparison (``--ref`` overrides it)
+DEFAULT_REF = {"toy": "ddim_word_swap", "paper": "ddim_word_swap", "pie_bench": "ddim_p2p"}
+_REF_NOTE = {"toy": "DDIM + word swap, the toy world's baseline", "paper": "DDIM + word swap, Table 1's baseline",
+             "pie_bench": "DDIM + P2P, PIE-Bench's baseline"}
+#: decimals of the headline tables (None: the report's ``digits``); PIE-Bench prints two
+PRESET_DIGITS = {"pie_bench": 2}
+#: per-task tables need at least this many values in every cell
+PER_TASK_MIN_N = 10
+#: hyperparameters whose sweeps get a paired comparison against the value 0
+SWEEP_HPS = ("hp_lambda2", "hp_lambda1")
+#: columns that measure the same thing twice (the toy oracle's and the background metric's PSNR/MSE
+#: outside the true edit mask): the second is left out of the appendix when the values agree
+ALIASES = (("toy_bg_psnr", "bg_psnr"), ("toy_bg_mse", "bg_mse"))
+
+PAIRED_RULE = (
+    "Paired comparisons use the samples both sides have `ok` (and a value for the metric): the mean of "
+    "the per-sample differences (method − reference), a paired bootstrap 95% CI ({n:,} resamples of the "
+    "differences, percentile interval, seed {seed}), the two-sided Wilcoxon signed-rank p-value (zero "
+    "differences dropped; exact up to 50 non-zero differences, ties included, normal approximation beyond; "
+    "p = 1 when every difference is 0), Holm-corrected across the methods compared with "
+    "the same reference on the same metric (a λ sweep: across its λ values). Verdict: better / worse when the "
+    "Holm-adjusted p < 0.05 and the mean difference points that way (↑ higher / ↓ lower is better), otherwise "
+    "no difference (not significant; not a proof of equality). The verdict follows the test: near the threshold, "
+    "or when Holm raises p, the CI may exclude 0 while the verdict says no difference. Module `eval.paired`."
+)
+
+
+def presets(df: pd.DataFrame) -> pd.Series:
+    """Each row's preset, which decides the headline metrics: ``pie_bench`` (:func:`pie_bench_mask`),
+    ``toy`` (dataset ``toyworld`` scored with the toy oracle) or ``paper`` (everything else)."""
+    p = pd.Series("paper", index=df.index, dtype=object)
+    if "toy_edit_success" in df.columns:
+        toy_ds = set(df.loc[pd.to_numeric(df["toy_edit_success"], errors="coerce").notna(), "dataset"].astype(str))
+        p[df["dataset"].astype(str).isin(toy_ds & {"toyworld"})] = "toy"
+    p[pie_bench_mask(df)] = "pie_bench"
+    return p
+
+
+def headline_columns(df: pd.DataFrame, preset: str) -> list[tuple[str, str, float, str]]:
+    """The preset's :data:`HEADLINE` columns that the ``ok`` rows of ``df`` have values for, as
+    ``(column, header, scale, better)``; ``a|b`` resolved to the first of them with values."""
+    ok = df[df["status"] == "ok"]
+    out = []
+    for spec, label, scale, better in HEADLINE[preset]:
+        for col in spec.split("|"):
+            if col in ok.columns and pd.to_numeric(ok[col], errors="coerce").notna().any():
+                out.append((col, label, scale, better))
+                break
+    return out
+
+
+def _ref_group(ok: pd.DataFrame, order: list[tuple[str, str]], ref: str) -> tuple[str, str] | None:
+    for m, s in order:
+        if m == ref and ((ok["method"] == m) & (ok["setting"] == s)).any():
+            return m, s
+    return None
+
+
+def _signed(x: float, digits: int) -> str:
+    return "nan" if x is None or math.isnan(x) else f"{x:+.{digits}f}"
+
+
+def _group_label(m: str, s: str) -> str:
+    return f"{m} ({s})" if s else m
+
+
+def _stats_table(stats: pd.DataFrame, scope: str, cols, digits: int, groups: list[tuple]) -> list[str]:
+    """Markdown lines of one scope of :func:`statistics` on headline columns: mean ± 95% CI in the
+    columns' units, best value per column (within a dataset) in bold."""
+    s = stats[stats["task"] == scope]
+    multi_ds = "dataset" in s.columns
+    by_group = {}
+    for _, r in s.iterrows():
+        k = ((r["dataset"],) if multi_ds else ()) + (r["method"], r["setting"])
+        by_group.setdefault(k, {})[r["metric"]] = r
+    keys = [k for k in groups if k in by_group]
+    show_setting = any(k[-1] for k in keys)
+    best = {}
+    for col, _, scale, better in cols:
+        for ds in dict.fromkeys(k[0] if multi_ds else None for k in keys):
+            vals = [round(by_group[k][col]["mean"] * scale, digits) for k in keys
+                    if col in by_group[k] and (not multi_ds or k[0] == ds) and not math.isnan(by_group[k][col]["mean"])]
+            if len(vals) > 1:
+                best[(ds, col)] = max(vals) if better == "higher" else min(vals)
+    head = (["dataset"] if multi_ds else []) + ["method"] + (["setting"] if show_setting else []) + ["n"]
+    lines = ["| " + " | ".join(head + [f"{label}{_arrow_of(b)}" for _, label, _, b in cols]) + " |",
+             "|" + "---|" * (len(head) - 1) + "---:|" + "---:|" * len(cols)]
+    for k in keys:
+        g = by_group[k]
+        n_max = int(max((g[c]["n"] for c, *_ in cols if c in g), default=0))
+        cells = []
+        for col, _, scale, _ in cols:
+            r = g.get(col)
+            if r is None or math.isnan(r["mean"]):
+                cells.append("" if r is None else "nan")
+                continue
+            mean = f"{r['mean'] * scale:.{digits}f}"
+            if best.get((k[0] if multi_ds else None, col)) == round(r["mean"] * scale, digits):
+                mean = f"**{mean}**"
+            c = mean + (f" ± {r['ci95'] * scale:.{digits}f}" if not math.isnan(r["ci95"]) else "")
+            if int(r["n"]) != n_max:
+                c += f" (n={int(r['n'])})"
+            cells.append(c)
+        ident = [str(x) for x in k[:-1]] + ([k[-1]] if show_setting else [])
+        lines.append("| " + " | ".join(ident + [str(n_max)] + cells) + " |")
+    return lines
+
+
+def _paired_table(res: pd.DataFrame, cols, digits: int, label_of) -> list[str]:
+    """Markdown lines: one row per compared group, one column per metric, cells
+    ``verdict: difference [95% CI]`` in the columns' units."""
+    head = ["compared", "pairs"] + [f"{label}{_arrow_of(b)}" for _, label, _, b in cols]
+    lines = ["| " + " | ".join(head) + " |", "|---|---:|" + "---:|" * len(cols)]
+    for key, g in res.groupby(["method", "setting"], sort=False):
+        by = {r["metric"]: r for _, r in g.iterrows()}
+        n_max = int(g["n"].max()) if len(g) else 0
+        cells = []
+        for col, _, scale, _ in cols:
+            r = by.get(col)
+            if r is None or r["n"] == 0:
+                cells.append("no pairs")
+                continue
+            v = r["verdict"]
+            c = (f"**{v}**" if v in ("better", "worse") else v) + \
+                f" {_signed(r['diff'] * scale, digits)} [{_signed(r['ci_low'] * scale, digits)}, " \
+                f"{_signed(r['ci_high'] * scale, digits)}]"
+            if int(r["n"]) != n_max:
+                c += f" (n={int(r['n'])})"
+            cells.append(c)
+        lines.append("| " + " | ".join([label_of(*key), str(n_max)] + cells) + " |")
+    return lines
+
+
+def sweep_comparisons(ok: pd.DataFrame, order: list[tuple[str, str]]) -> list[dict]:
+    """The λ sweeps among ``ok`` rows (:data:`SWEEP_HPS` varying within one method, every other
+    hyperparameter fixed): per sweep ``{"method", "hp", "fixed", "ref": setting at 0 or None,
+    "others": [settings at the other values, in order]}``."""
+    out = []
+    for m in dict.fromkeys(mm for mm, _ in order):
+        g = ok[ok["method"] == m]
+        for h in SWEEP_HPS:
+            if h not in g.columns or g[h].astype(str).nunique() < 2:
+                continue
+            fixed = [c for c in hp_columns(g) + ["model"] if c != h and g[c].astype(str).nunique() > 1]
+            parts = g.groupby([g[c].astype(str) for c in fixed], sort=False) if fixed else [((), g)]
+            for pkey, part in parts:
+                if part[h].astype(str).nunique() < 2:
+                    continue
+                settings = [s for mm, s in order if mm == m and s in set(part["setting"])]
+                value = {s: _num(part.loc[part["setting"] == s, h].iloc[0]) for s in settings}
+                zero = [s for s in settings if value[s] == 0]
+                pkey = pkey if isinstance(pkey, tuple) else (pkey,)
+                out.append({"method": m, "hp": h, "fixed": ", ".join(f"{_hp_name(c)}={v}" for c, v in zip(fixed, pkey)),
+                            "ref": zero[0] if zero else None,
+                            "others": sorted((s for s in settings if value[s] != 0), key=lambda s: value[s])})
+    return out
+
+
+def headline_sections(df: pd.DataFrame, ref: str | None = None, digits: int = 3, n_resamples: int | None = None,
+                      seed: int = 0) -> tuple[str, pd.DataFrame, str]:
+    """The report's opening: per preset present (:func:`presets`), the headline table
+    (:data:`HEADLINE`, one row per method and setting, best value per column in bold) and the paired
+    comparison of every method with the reference (``ref``, default :data:`DEFAULT_REF`), then the λ
+    sweeps against λ = 0 and the per-task headline tables (only where every cell has
+    n ≥ :data:`PER_TASK_MIN_N`). Returns ``(markdown, paired rows for report_paired.csv, per-task markdown)``."""
+    from eval.paired import N_RESAMPLES, paired_comparisons
+
+    n_resamples = n_resamples or N_RESAMPLES
+    preset = presets(df)
+    parts, per_task, paired = [], [], []
+    for p in ("toy", "paper", "pie_bench"):
+        dfp = df[preset == p]
+        if not len(dfp):
+            continue
+        name = PRESET_NAMES[p]
+        cols = headline_columns(dfp, p)
+        d = PRESET_DIGITS.get(p, digits)
+        ok = dfp[dfp["status"] == "ok"]
+        parts += [f"## Headline: {name}", ""]
+        if not cols or not len(ok):
+            parts += [f"No successful rows with the {name} headline metrics "
+                      f"({', '.join(c.split('|')[0] for c, *_ in HEADLINE[p])}); see the appendix.", ""]
+            continue
+        stats = statistics(dfp, metrics=[c for c, *_ in cols])
+        order = settings_order(dfp)
+        multi_ds = dfp["dataset"].nunique() > 1
+        groups = [(ds, m, s) for ds in sorted(set(dfp["dataset"])) for m, s in order] if multi_ds else order
+        legend = ", ".join(f"{label} = `{c}`" + (f" ×{scale:g}" if scale != 1 else "") for c, label, scale, _ in cols)
+        parts += [f"Mean ± 95% CI over the successful samples (rules in the appendix); **bold**: the best value of "
+                  f"each column (↑ higher / ↓ lower is better). Columns: {legend}. Every other metric: appendix "
+                  f"and report.csv.", ""]
+        parts += _stats_table(stats, "all", cols, d, groups) + [""]
+
+        # paired comparison with the reference
+        r = ref or DEFAULT_REF[p]
+        why = "given by --ref" if ref else f"{_REF_NOTE[p]}; --ref METHOD picks another"
+        parts += [f"## Paired comparison with {r} ({name})", ""]
+        rg = _ref_group(ok, order, r)
+        others = [(m, s) for m, s in order if (m, s) != rg and ((ok["method"] == m) & (ok["setting"] == s)).any()]
+        metrics = {c: b for c, _, _, b in cols}
+        if rg is None:
+            parts += [f"No paired comparison: the reference `{r}` ({why}) has no successful {name} rows "
+                      f"(methods here: {', '.join(dict.fromkeys(m for m, _ in order))}).", ""]
+        elif not others:
+            parts += [f"No paired comparison: `{r}` is the only method here.", ""]
+        else:
+            res = paired_comparisons(ok, {"method": rg[0], "setting": rg[1]},
+                                     [{"method": m, "setting": s} for m, s in others], metrics,
+                                     n_resamples=n_resamples, seed=seed)
+            res.insert(0, "reference", _group_label(*rg))
+            res.insert(0, "comparison", "reference")
+            res.insert(0, "preset", p)
+            paired.append(res)
+            parts += [f"Against `{_group_label(*rg)}` ({why}). Cells: verdict, mean difference method − reference "
+                      f"[paired bootstrap 95% CI] in the headline's units; verdict from the Wilcoxon signed-rank "
+                      f"test, Holm-corrected across the {len(others)} compared method(s) per metric, α = 0.05. "
+                      f"p-values: appendix and report_paired.csv.", ""]
+            parts += _paired_table(res, cols, d, _group_label) + [""]
+
+        # λ sweeps against λ = 0
+        sweeps = sweep_comparisons(ok, order)
+        for sw in sweeps:
+            hp = GREEK.get(_hp_name(sw["hp"]), _hp_name(sw["hp"]))
+            fixed = f", {sw['fixed']}" if sw["fixed"] else ""
+            parts += [f"## λ sweep: {sw['method']}, {hp} against {hp} = 0{fixed} ({name})", ""]
+            if sw["ref"] is None:
+                parts += [f"No {hp} = 0 run among these rows: nothing to compare the sweep with.", ""]
+                continue
+            res = paired_comparisons(ok, {"method": sw["method"], "setting": sw["ref"]},
+                                     [{"method": sw["method"], "setting": s} for s in sw["others"]], metrics,
+                                     n_resamples=n_resamples, seed=seed)
+            res.insert(0, "reference", _group_label(sw["method"], sw["ref"]))
+            res.insert(0, "comparison", f"sweep {_hp_name(sw['hp'])}")
+            res.insert(0, "preset", p)
+            paired.append(res)
+            parts += [f"Against `{_group_label(sw['method'], sw['ref'])}`, Holm-corrected across the "
+                      f"{len(sw['others'])} other value(s) per metric; cells as above.", ""]
+            parts += _paired_table(res, cols, d, lambda m, s: s or m) + [""]
+
+        # per-task headline tables, only where every cell has enough samples
+        tasks = [t for t in dict.fromkeys(stats["task"]) if t != "all"]
+        small = {}
+        for t in tasks:
+            n = stats.loc[(stats["task"] == t) & stats["metric"].isin(metrics), "n"]
+            n_min = int(n.fillna(0).min()) if len(n) else 0
+            if n_min >= PER_TASK_MIN_N:
+                per_task += [f"### {t} ({name})", ""] + _stats_table(stats, t, cols, d, groups) + [""]
+            else:
+                small[t] = n_min
+        if small:
+            what = "no task qualifies here" if len(small) == len(tasks) else f"not shown for {', '.join(small)}"
+            per_task += [f"Per-task tables ({name}) are shown only where every cell has n ≥ {PER_TASK_MIN_N}: {what} "
+                         f"(smallest n: {min(small.values())}); the per-task statistics of every metric are in "
+                         f"report.csv.", ""]
+    paired_df = pd.concat(paired, ignore_index=True) if paired else pd.DataFrame()
+    return "\n".join(parts), paired_df, "\n".join(per_task)
+
+
+def paired_details_markdown(paired: pd.DataFrame, digits: int = 3) -> str:
+    """The appendix's long table of every paired comparison: n, means, difference, CI, p, Holm p, verdict
+    (in the headline's units)."""
+    scale = {(p, c): s for p in HEADLINE for c, _, s, _ in HEADLINE[p] for c in c.split("|")}
+    label = {(p, c): lab for p in HEADLINE for c, lab, _, _ in HEADLINE[p] for c in c.split("|")}
+    lines = ["| preset | reference | compared | metric | pairs | reference mean | mean | difference | 95% CI | p | "
+             "p (Holm) | verdict |",
+             "|---|---|---|---|---:|---:|---:|---:|---|---:|---:|---|"]
+    for _, r in paired.iterrows():
+        k = (r["preset"], r["metric"])
+        s, d = scale.get(k, 1.0), PRESET_DIGITS.get(r["preset"], digits)
+        f = (lambda x: "nan" if math.isnan(x) else f"{x * s:.{d}f}")
+        lines.append(f"| {r['preset']} | {r['reference']} | {_group_label(r['method'], r['setting'])} | "
+                     f"{label.get(k, r['metric'])}{_arrow_of(r['better'])} | {int(r['n'])} | {f(r['ref_mean'])} | "
+                     f"{f(r['mean'])} | {_signed(r['diff'] * s, d)} | [{_signed(r['ci_low'] * s, d)}, "
+                     f"{_signed(r['ci_high'] * s, d)}] | {_pval(r['p'])} | {_pval(r['p_holm'])} | {r['verdict']} |")
+    return "\n".join(lines) + "\n"
+
+
+def _pval(p: float) -> str:
+    if p is None or math.isnan(p):
+        return "nan"
+    return f"{p:.2g}" if p < 0.001 else f"{p:.3f}"
+
+
+def alias_columns(df: pd.DataFrame, columns: Sequence[str]) -> dict[str, str]:
+    """``{dropped: kept}`` for the :data:`ALIASES` pairs among ``columns`` whose values agree on every
+    ``ok`` row (relative tolerance 1e-5, NaN in the same rows)."""
+    ok = df[df["status"] == "ok"]
+    out = {}
+    for keep, drop in ALIASES:
+        if keep in columns and drop in columns:
+            a = pd.to_numeric(ok[keep], errors="coerce").to_numpy(dtype=np.float64)
+            b = pd.to_numeric(ok[drop], errors="coerce").to_numpy(dtype=np.float64)
+            same_nan = np.array_equal(np.isnan(a), np.isnan(b))
+            if same_nan and np.allclose(a[~np.isnan(a)], b[~np.isnan(b)], rtol=1e-5, atol=1e-8):
+                out[drop] = keep
+    return out
+
+
 # ------------------------------------------------------------------ report
 def markdown_report(df: pd.DataFrame, stats: pd.DataFrame, runs: Sequence[Path], metrics: Sequence[str],
-                    figures: Sequence[str] = (), digits: int = 3) -> str:
+                    figures: Sequence[str] = (), digits: int = 3, ref: str | None = None,
+                    n_resamples: int | None = None, seed: int = 0,
+                    headline: tuple[str, pd.DataFrame, str] | None = None) -> str:
+    """``report.md``: the headline table and paired comparison of each preset, λ sweeps against
+    λ = 0, per-task tables (where n allows), the PIE-Bench section, figures, then the appendix
+    (every metric, the rules, every p-value), runs and errors. ``headline``: the result of
+    :func:`headline_sections` when already computed."""
+    head, paired, per_task = headline if headline is not None else headline_sections(df, ref, digits, n_resamples, seed)
     parts = ["# oig report", "",
              f"{len(df)} rows ({int((df['status'] == 'ok').sum())} ok) from {len(runs)} run folder(s), "
              f"{df['method'].nunique()} method(s), dataset(s): {', '.join(sorted(set(df['dataset'])))}.", ""]
     sweeps = swept_hyperparameters(df)
     if sweeps:
         parts += ["Swept: " + "; ".join(f"{m}: {', '.join(_hp_name(c) for c in cs)}" for m, cs in sweeps.items()), ""]
-    parts += ["## Rules", "", NAN_RULE, "", "## Overall", "", markdown_table(stats, "all", metrics, digits)]
+    parts += [head]
     ok_groups = set(zip(*[df.loc[df["status"] == "ok", c] for c in ("method", "setting")]))
     failed = [f"{m} {s}".strip() for m, s in settings_order(df) if (m, s) not in ok_groups]
     if failed:
         parts += [f"No successful rows (not in the tables; see Runs and errors): {', '.join(failed)}.", ""]
+    if per_task:
+        parts += ["## Per task", "", per_task]
     pie = pie_bench_statistics(df)
     if pie is not None:
         parts += [pie_bench_markdown(pie)]
-    for t in [t for t in dict.fromkeys(stats["task"]) if t != "all"]:
-        parts += [f"## Task: {t}", "", markdown_table(stats, t, metrics, digits)]
-    parts += ["## Runs and errors", "", runs_table(df)]
+    if figures:
+        parts += ["## Figures", ""] + [f"![{f}]({f})" for f in figures] + [""]
+    aliases = alias_columns(df, metrics)
+    shown = [m for m in metrics if m not in aliases]
+    parts += ["## Appendix: every metric", "", "### Rules", "", NAN_RULE, "",
+              PAIRED_RULE.format(n=n_resamples or _n_resamples(), seed=seed), "",
+              "### Overall", "", markdown_table(stats, "all", shown, digits)]
+    if aliases:
+        same = ", ".join(f"`{k}` (= `{d}`)" for d, k in aliases.items())
+        parts += [f"Identical columns shown once: {same}.", ""]
     others = [c for c in metric_columns(df) if c not in metrics]
     if others:
         parts += [f"Other columns (in report.csv): {', '.join(others)}.", ""]
-    if figures:
-        parts += ["## Figures", ""] + [f"![{f}]({f})" for f in figures] + [""]
+    if len(paired):
+        parts += ["### Paired comparisons: every p-value", "", paired_details_markdown(paired, digits)]
+    parts += ["## Runs and errors", "", runs_table(df)]
     parts += ["## Run folders", ""] + [f"- `{r}`" for r in runs] + [""]
     return "\n".join(parts)
 
 
-def write_report(paths: Sequence[str | Path], out: str | Path | None = None, samples: int = 6,
+def _n_resamples() -> int:
+    from eval.paired import N_RESAMPLES
+
+    return N_RESAMPLES
+
+
+def write_report(paths: Sequence[str | Path], out: str | Path | None = None, samples: int | None = None,
                  x: str | None = None, y: str | None = None, metrics: Sequence[str] | None = None,
-                 digits: int = 3) -> dict[str, Path]:
+                 digits: int = 3, ref: str | None = None, html: bool = False, html_images: str = "auto",
+                 n_resamples: int | None = None, seed: int = 0) -> dict[str, Path]:
     """Write the report files (module docstring) for the run folders under ``paths``; returns
-    ``{kind: path}``."""
+    ``{kind: path}``. ``ref``: the reference method of the paired comparisons (default: each preset's
+    baseline, :data:`DEFAULT_REF`); ``html``: also write ``gallery.html`` (:mod:`oig.gallery`, images
+    ``auto`` / ``embed`` / ``link``)."""
     paths = [Path(p) for p in paths]
     if not paths:
         raise ValueError("oig-report: give at least one folder")
@@ -747,6 +1127,9 @@ def write_report(paths: Sequence[str | Path], out: str | Path | None = None, sam
         if bad:
             raise KeyError(f"oig-report: metrics {bad} are not columns of the results "
                            f"(numeric columns: {metric_columns(df)})")
+    if ref is not None and ref not in set(df["method"]):
+        raise ValueError(f"oig-report: --ref {ref}: no rows of that method (methods: "
+                         f"{', '.join(dict.fromkeys(m for m, _ in settings_order(df)))})")
     shown = list(metrics) if metrics else table_metrics(df)
     stats = statistics(df)
     written: dict[str, Path] = {}
@@ -754,6 +1137,10 @@ def write_report(paths: Sequence[str | Path], out: str | Path | None = None, sam
     written["csv"] = out / "report.csv"
     df.to_csv(out / "report_rows.csv", index=False)
     written["rows"] = out / "report_rows.csv"
+    headline = headline_sections(df, ref, digits, n_resamples, seed)
+    if len(headline[1]):
+        headline[1].to_csv(out / "report_paired.csv", index=False)
+        written["paired"] = out / "report_paired.csv"
 
     figures = []
     fig = grid_figure(df, samples)
@@ -773,7 +1160,12 @@ def write_report(paths: Sequence[str | Path], out: str | Path | None = None, sam
     if pie is not None:
         pie.to_csv(out / "report_pie_bench.csv", index=False)
         written["pie_bench"] = out / "report_pie_bench.csv"
-    (out / "report.md").write_text(markdown_report(df, stats, runs, shown, figures, digits))
+    if html:
+        from oig.gallery import write_gallery
+
+        written["html"] = write_gallery(df, out / "gallery.html", images=html_images)
+    (out / "report.md").write_text(markdown_report(df, stats, runs, shown, figures, digits, ref, n_resamples, seed,
+                                                   headline=headline))
     written["markdown"] = out / "report.md"
     log.info("report in %s: %s", out, ", ".join(p.name for p in written.values()))
     return written
@@ -784,20 +1176,31 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("dirs", nargs="+", help="run folders, multirun folders or any folder above them")
     ap.add_argument("--out", help="output folder (default: the folder given, or reports/<timestamp> for several)")
-    ap.add_argument("--samples", type=int, default=6, help="rows of the qualitative grid (default 6)")
+    ap.add_argument("--samples", type=int, default=None,
+                    help=f"rows of the qualitative grid (default {GRID_PER_TASK} per task, {GRID_MIN} to {GRID_MAX})")
     ap.add_argument("--x", help=f"trade-off x axis (default: first of {', '.join(TRADEOFF_X)})")
     ap.add_argument("--y", help=f"trade-off y axis (default: first of {', '.join(TRADEOFF_Y)})")
-    ap.add_argument("--metrics", help="comma-separated columns of the markdown table (default: quality metrics + costs)")
-    ap.add_argument("--digits", type=int, default=3, help="decimals in the markdown table")
+    ap.add_argument("--metrics",
+                    help="comma-separated columns of the appendix table (default: quality metrics + costs)")
+    ap.add_argument("--digits", type=int, default=3, help="decimals in the markdown tables")
+    ap.add_argument("--ref", help="reference method of the paired comparisons (default: the preset's baseline: "
+                                  + ", ".join(f"{p}: {m}" for p, m in DEFAULT_REF.items()) + ")")
+    ap.add_argument("--html", action="store_true", help="also write gallery.html, a browsable page of every sample")
+    ap.add_argument("--html-images", choices=("auto", "embed", "link"), default="auto",
+                    help="gallery images: embedded (base64), linked (relative paths), or auto: embedded up to "
+                         "a size limit (default auto)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         written = write_report(args.dirs, args.out, samples=args.samples, x=args.x, y=args.y,
-                               metrics=args.metrics.split(",") if args.metrics else None, digits=args.digits)
+                               metrics=args.metrics.split(",") if args.metrics else None, digits=args.digits,
+                               ref=args.ref, html=args.html, html_images=args.html_images)
     except (FileNotFoundError, NotADirectoryError, ValueError, KeyError) as e:
         log.error("%s", e.args[0] if e.args else e)
         return 2
     log.info("wrote %s", written["markdown"])
+    if "html" in written:
+        log.info("wrote %s", written["html"])
     return 0
 
 

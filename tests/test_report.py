@@ -24,7 +24,7 @@ import oig.run
 from oig import report
 from oig.run import CONF_DIR
 
-ROOT = CONF_DIR.parent
+ROOT = Path(__file__).resolve().parent.parent  # the checkout (CONF_DIR is inside the package)
 TASKS = ["appearance_change", "background_change", "color_change", "shape_swap"]
 
 
@@ -116,15 +116,18 @@ def test_two_method_multirun_report(pair):
 
     md = written["markdown"].read_text()
     assert report.NAN_RULE in md
-    overall = md.split("## Overall")[1].split("## Task")[0]
+    heads = [x for x in md.splitlines() if x.startswith("## ")]
+    assert heads[:2] == ["## Headline: toy world", "## Paired comparison with ddim_word_swap (toy world)"]
+    paired = md.split("## Paired comparison with ddim_word_swap (toy world)")[1].split("\n## ")[0]
+    assert next(x for x in paired.splitlines() if x.startswith("| sdedit |")).split("|")[2].strip() == "4"  # pairs
+    overall = md.split("### Overall")[1].split("\n#")[0]
     header = next(line for line in overall.splitlines() if line.startswith("| method"))
     assert "clip_acc ↑" in header and "structure_dist ↓" in header and "time_total ↓" in header
     assert "setting" not in header  # nothing swept
     body = [line for line in overall.splitlines() if line.startswith("| ddim") or line.startswith("| sdedit")]
     assert [b.split("|")[1].strip() for b in body] == ["ddim_word_swap", "sdedit"]
     assert all(" ± " in b for b in body)
-    for t in TASKS:
-        assert f"## Task: {t}" in md
+    assert "## Task" not in md and "no task qualifies here (smallest n: 1)" in md  # n = 1 per task: no tables
 
     df = report.load_results([pair])
     ids = report.grid_samples(df, 6)
@@ -132,6 +135,13 @@ def test_two_method_multirun_report(pair):
     fig = report.grid_figure(df, 2)
     axes = np.array(fig.axes).reshape(2, -1)
     assert [a.get_title() for a in axes[0]] == ["source", "target", "ddim_word_swap", "sdedit"]
+    renderer = fig.canvas.get_renderer()
+    for t in fig.texts:  # each row's id and prompts: inside the figure, left of the first image (not clipped)
+        bb = t.get_window_extent(renderer)
+        assert bb.x0 >= 0 and bb.y0 >= 0 and bb.x1 <= axes[0][0].get_window_extent(renderer).x0
+        assert bb.y1 <= fig.bbox.height
+    assert [t.get_text().splitlines()[0] for t in fig.texts] == ids[:2]
+    assert report.grid_samples(df) == ids  # default: 2 per task, at least 4 rows (here every sample: 1 per task)
     edit = np.asarray(Image.open(pair / "1_sdedit" / "images" / ids[0] / "edit.png").convert("RGB"))
     assert np.array_equal(axes[0][3].images[0].get_array(), edit)  # the same sample in every column
 
@@ -209,9 +219,13 @@ def test_lambda2_sweep_gives_a_tradeoff_plot(lambda2):
     is_pdf(pdf)
     md = written["markdown"].read_text()
     assert "Swept: oig: lambda2" in md
-    overall = md.split("## Overall")[1].split("## Task")[0]
+    overall = md.split("### Overall")[1].split("\n#")[0]
     settings = [x.split("|")[2].strip() for x in overall.splitlines() if x.startswith("| oig")]
     assert settings == ["lambda2=0", "lambda2=1", "lambda2=3"]
+    sweep = md.split("## λ sweep: oig, λ2 against λ2 = 0 (toy world)")[1].split("\n## ")[0]
+    assert [x.split("|")[1].strip() for x in sweep.splitlines() if x.startswith("| lambda2")] == ["lambda2=1", "lambda2=3"]
+    paired = pd.read_csv(written["paired"])
+    assert set(paired.reference) == {"oig (lambda2=0)"} and (paired.n == 4).all()
 
     df = report.load_results([lambda2])
     stats = report.statistics(df)
@@ -277,7 +291,7 @@ def test_ablation_variants_are_labelled_by_name(tmp_path, tiny):
     df = report.load_results([sweep])
     assert sorted(set(df.setting)) == ["clip_only", "full"] and set(df.hp_lambda2) == {0.0, 1.0}
     md = written["markdown"].read_text()
-    rows = [x.split("|")[2].strip() for x in md.split("## Overall")[1].split("##")[0].splitlines()
+    rows = [x.split("|")[2].strip() for x in md.split("### Overall")[1].split("##")[0].splitlines()
             if x.startswith("| oig")]
     assert rows == ["clip_only", "full"]
     assert (sweep / "report_tradeoff_oig_variants.png").exists() and (sweep / "report_tradeoff_oig_variants.pdf").exists()
