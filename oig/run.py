@@ -5,7 +5,13 @@ dataset and the metrics, then for each sample edit, score, save images and appen
 Rows are written one file per sample (``rows/<id>.json``, temp file + rename), so a killed
 run loses at most the sample in flight and a re-run in the same folder skips what is done;
 ``results.parquet`` is rebuilt from them at the end. A failing sample becomes a row with
-``status="error"`` and a one-line ``error``; the run goes on unless ``strict=true``.
+``status="error"`` and a one-line ``error``; the run goes on unless ``strict=true``. Resuming
+(``resume=true``) runs the samples whose row is an error again (``retry_errors=true``): the old
+row stays until the new one replaces it, and the summary counts the retried and the fixed rows.
+
+The configs are the package's own (``oig/conf``, Hydra's ``pkg://oig.conf``; the checkout's
+top-level ``conf/`` links there), so ``oig-run`` works from any directory once ``oig`` is
+installed; installed plugins add theirs (:func:`oig.registry.use_plugin_configs`).
 """
 
 from __future__ import annotations
@@ -27,7 +33,10 @@ from tqdm.auto import tqdm
 
 log = logging.getLogger("oig.run")
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+#: the Hydra configs on disk (inside the package) and as a Hydra search-path entry
+CONF_DIR = Path(__file__).resolve().parent / "conf"
+CONF_PATH = "pkg://oig.conf"
+THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
 def safe_id(s: str) -> str:
@@ -88,6 +97,66 @@ def one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {flat(str(e))}"[:500]
 
 
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def launcher_jobs() -> int | None:
+    """How many jobs the current Hydra launcher runs at once on this machine (joblib's ``n_jobs``),
+    or None outside a Hydra job or under a launcher that does not say."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    launcher = HydraConfig.get().get("launcher") or {}
+    n = launcher.get("n_jobs")
+    if n is None:
+        return None
+    n = int(n)
+    return max(1, available_cores() + 1 + n) if n < 0 else max(1, n)  # joblib: -1 = one job per core
+
+
+def job_threads(setting) -> int | None:
+    """The thread count a job should use for torch, OpenMP and MKL, or None to leave the defaults.
+
+    ``threads`` = N: N. ``auto``: the cores shared by the jobs a launcher runs at once on this
+    machine, ``cores // n_jobs`` (at least 1), under joblib; submitit's ``cpus_per_task`` when set;
+    otherwise None (torch's default: ``OMP_NUM_THREADS`` or every core). ``null``: None.
+    """
+    if setting is None:
+        return None
+    if isinstance(setting, str) and setting.strip().lower() == "auto":
+        jobs = launcher_jobs()
+        if jobs is not None:
+            return max(1, available_cores() // jobs)
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.initialized():
+            cpus = (HydraConfig.get().get("launcher") or {}).get("cpus_per_task")
+            if cpus:
+                return int(cpus)
+        return None
+    n = int(setting) if isinstance(setting, int) and not isinstance(setting, bool) else 0
+    if isinstance(setting, str) and setting.strip().isdigit():
+        n = int(setting)
+    if n < 1:
+        raise ValueError(f"threads: expected a positive integer, auto or null, got {setting!r} "
+                         "(conf/config.yaml; e.g. threads=4)")
+    return n
+
+
+def set_threads(n: int) -> None:
+    """``n`` intra-op threads for torch (its OpenMP and MKL pools), and the same in
+    OMP/MKL/OPENBLAS_NUM_THREADS for libraries and processes started later."""
+    torch.set_num_threads(n)
+    for var in THREAD_ENV:
+        os.environ[var] = str(n)
+
+
 def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict:
     """Run ``cfg`` and return the summary. ``output_dir`` overrides ``paths.output_dir``."""
     from hydra.utils import instantiate
@@ -105,6 +174,10 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict:
             cfg.paths.output_dir = str(output_dir)
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    threads = job_threads(cfg.get("threads"))
+    if threads is not None:  # before any torch work of this job
+        set_threads(threads)
+    log.info("threads: %d (threads=%s, %d cores)", torch.get_num_threads(), cfg.get("threads"), available_cores())
     if cfg.get("deterministic"):  # GPU: deterministic kernels (slower); CPU runs are deterministic anyway
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -126,11 +199,15 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict:
     if logger is not None:
         logger.start(out, OmegaConf.to_container(cfg, resolve=True), name=f"{method}-{out.name}")
 
-    done = {r["id"]: r for r in load_rows(out)} if cfg.resume else {}
-    if done:
-        log.info("resuming in %s: %d samples already done", out, len(done))
+    previous = {r["id"]: r for r in load_rows(out)} if cfg.resume else {}
+    retry = {i for i, r in previous.items() if r.get("status") == "error"} if cfg.get("retry_errors", True) else set()
+    done = {i: r for i, r in previous.items() if i not in retry}  # error rows to retry are not done
+    if previous:
+        log.info("resuming in %s: %d rows already written, %d of them errors%s", out, len(previous),
+                 sum(r.get("status") == "error" for r in previous.values()),
+                 f"; retrying those {len(retry)} samples" if retry else "")
     rows_dir = out / "rows"
-    n_new = n_err = 0
+    n_new = n_err = n_retried = n_fixed = 0
     t_run = time.perf_counter()
     todo = [i for i in dataset.ids() if safe_id(i) not in done] if hasattr(dataset, "ids") else None
     samples = dataset.iter_samples(skip=set(done)) if hasattr(dataset, "iter_samples") else iter(dataset)
@@ -184,9 +261,13 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict:
             for k, im in images.items():
                 if im is not None:
                     im.save(d / f"{k}.png")
+        # a retried sample's old error row is replaced only now, in one rename
         _atomic_write(rows_dir / f"{sid}.json", json.dumps({k: _jsonable(v) for k, v in row.items()}).encode())
         done[sid] = row
         n_new += 1
+        if sid in retry:
+            n_retried += 1
+            n_fixed += row["status"] == "ok"
         if logger is not None:
             logger.log_row(row, images)
 
@@ -196,13 +277,15 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict:
         df.to_parquet(out / "results.parquet", index=False)
     summary = summarize(df)
     summary.update(method=method, samples=len(df), new_samples=n_new, errors=int((df.get("status") == "error").sum()) if len(df) else 0,
+                   retried=n_retried, retried_ok=n_fixed, threads=torch.get_num_threads(),
                    run_seconds=round(time.perf_counter() - t_run, 2), **cache.stats())
     (out / "summary.json").write_text(json.dumps({k: _jsonable(v) for k, v in summary.items()}, indent=2))
     if cfg.save_images:
         _grid(out, df, cfg.grid_rows, make_grid)
     log.info("run folder: %s", out)
-    log.info("summary (%d samples, %d errors, %d cache hits, %d misses):\n%s", summary["samples"], summary["errors"],
-             cache.hits, cache.misses, format_summary(summary))
+    retried = f", {n_retried} error rows retried ({n_fixed} now ok)" if n_retried else ""
+    log.info("summary (%d samples, %d errors%s, %d cache hits, %d misses):\n%s", summary["samples"], summary["errors"],
+             retried, cache.hits, cache.misses, format_summary(summary))
     if logger is not None:
         logger.finish({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
     return summary
@@ -240,25 +323,35 @@ def _grid(out: Path, df: pd.DataFrame, n: int, make_grid):
 
     if not len(df):
         return
-    ok = df[df["status"] == "ok"].head(n)
+    ok = df[df["status"] == "ok"].sort_values("id")
+    queues = [list(g["id"]) for _, g in ok.groupby(ok["task"].fillna("").astype(str), sort=True)]
+    ids: list[str] = []  # round-robin over tasks: several samples of every task, not the first task's only
+    while len(ids) < n and any(queues):
+        for q in queues:
+            if q and len(ids) < n:
+                ids.append(q.pop(0))
     cols = ["source", "edit", "reconstruction", "target"]
-    present = [c for c in cols if any((out / "images" / i / f"{c}.png").exists() for i in ok["id"])]
+    present = [c for c in cols if any((out / "images" / i / f"{c}.png").exists() for i in ids)]
     rows = []
-    for i in ok["id"]:
+    for i in ids:
         rows.append([Image.open(out / "images" / i / f"{c}.png").convert("RGB")
                      if (out / "images" / i / f"{c}.png").exists() else None for c in present])
     if rows:
-        make_grid(rows, labels=present).save(out / "grid.png")
+        make_grid(rows, labels=present, row_labels=ids).save(out / "grid.png")
 
 
 def main():
     import hydra
 
+    from oig.registry import use_plugin_configs
+
     # the importable module's function (not __main__'s under `python -m oig.run`), so that
     # process launchers (joblib/loky, submitit) pickle it by reference
     from oig.run import run as run_
 
-    @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+    use_plugin_configs()  # installed plugins' config packages (entry points "oig.configs")
+
+    @hydra.main(config_path=CONF_PATH, config_name="config", version_base="1.3")
     def _main(cfg: DictConfig):
         return run_(cfg)
 
