@@ -42,7 +42,10 @@ clear error when it is missing.
 
 Masks: the sample's mask; if it has none and ``mask_from_text`` is set (a dict of
 :class:`eval.masks.TextMasker` arguments, e.g. ``{model: CIDAS/clipseg-rd64-refined,
-threshold: 0.4}``), a CLIPSeg mask of the edited words.
+threshold: 0.4}``), a CLIPSeg mask of the edited words. CLIPSeg is loaded on the first sample
+without a mask, so a dataset whose samples all carry masks never needs its weights; when it cannot
+be loaded, each sample without a mask fails with the loader's error (a ``metric_error_background``
+in the run's rows) and the others are scored.
 """
 
 from __future__ import annotations
@@ -149,7 +152,7 @@ class BackgroundMetrics(Metric):
     def _load(self):
         if "lpips" in self.metrics:
             self.lpips = load_lpips(self.lpips_net, self.device)
-        if self.mask_from_text is not None:
+        if self.mask_from_text is not None:  # arguments checked now, CLIPSeg loaded by the first maskless sample
             from .masks import TextMasker
 
             self.masker = TextMasker(**{**self.mask_from_text, "device": self.device})

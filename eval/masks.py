@@ -50,24 +50,49 @@ def edited_words(source_prompt: str, target_prompt: str) -> tuple[list[str], lis
 
 class TextMasker:
     """CLIPSeg edit masks. ``model`` is a hub id or a local folder saved with ``save_pretrained``
-    (model + ``CLIPSegProcessor``)."""
+    (model + ``CLIPSegProcessor``).
+
+    The arguments are checked at construction; the network is loaded by :meth:`load`, which the
+    first :meth:`segment` calls, so a masker that is never asked for a mask (every sample carries its
+    own) never needs the weights. A failed load raises the same RuntimeError on every later call
+    without trying again.
+    """
 
     def __init__(self, model: str = DEFAULT_CLIPSEG, threshold: float = 0.4, dilate: int = 0,
                  device: str | torch.device = "cpu"):
-        from transformers import CLIPSegForImageSegmentation, CLIPSegProcessor
-
         if not 0.0 <= float(threshold) <= 1.0:
             raise ValueError(f"TextMasker: threshold is a probability in [0, 1], got {threshold}")
+        if int(dilate) < 0:
+            raise ValueError(f"TextMasker: dilate is a number of pixels >= 0, got {dilate}")
+        self.model_id = str(model)
         self.threshold, self.dilate, self.device = float(threshold), int(dilate), torch.device(device)
-        try:
-            self.model = CLIPSegForImageSegmentation.from_pretrained(model).to(self.device).eval().requires_grad_(False)
-            self.processor = CLIPSegProcessor.from_pretrained(model)
-        except Exception as e:
-            raise RuntimeError(
-                f"could not load the CLIPSeg text segmenter {model!r} for mask_from_text: {e}. Offline, download it "
-                f"once (`huggingface-cli download {DEFAULT_CLIPSEG}`) into the HF cache, or save the model and its "
-                f"CLIPSegProcessor with save_pretrained to a folder and set mask_from_text.model=/path/to/folder"
-            ) from e
+        self.model = self.processor = None
+        self._error: str | None = None
+
+    @property
+    def loaded(self) -> bool:
+        return self.model is not None
+
+    def load(self) -> TextMasker:
+        """Load CLIPSeg and its processor (once); a RuntimeError naming the fix when they cannot be loaded."""
+        if self.model is not None:
+            return self
+        if self._error is None:
+            from transformers import CLIPSegForImageSegmentation, CLIPSegProcessor
+
+            try:
+                model = CLIPSegForImageSegmentation.from_pretrained(self.model_id)
+                self.processor = CLIPSegProcessor.from_pretrained(self.model_id)
+                self.model = model.to(self.device).eval().requires_grad_(False)
+                log.info("loaded the CLIPSeg text segmenter %s", self.model_id)
+                return self
+            except Exception as e:
+                self._error = (
+                    f"could not load the CLIPSeg text segmenter {self.model_id!r} for mask_from_text (needed for "
+                    f"samples without a mask): {type(e).__name__}: {e}. Offline, download it once (`huggingface-cli "
+                    f"download {DEFAULT_CLIPSEG}`) into the HF cache, or save the model and its CLIPSegProcessor "
+                    f"with save_pretrained to a folder and set mask_from_text.model=/path/to/folder")
+        raise RuntimeError(self._error)
 
     @torch.no_grad()
     def segment(self, images: list[Image.Image], phrases: list[str]) -> list[np.ndarray]:
@@ -76,6 +101,7 @@ class TextMasker:
             raise ValueError(f"TextMasker.segment: {len(images)} images but {len(phrases)} phrases")
         if not images:
             return []
+        self.load()
         inp = self.processor(text=list(phrases), images=[im.convert("RGB") for im in images], padding=True,
                              return_tensors="pt")
         logits = self.model(**{k: v.to(self.device) for k, v in inp.items()}).logits

@@ -82,6 +82,9 @@ class SDModels:
     dtype: torch.dtype
     model_id: str
     revision: str | None = None
+    #: what the checkpoint's scheduler config declares; a ``v_prediction`` U-Net carries the ε
+    #: conversion of :func:`oig.diffusion.install_epsilon_output` and ``scheduler`` says ``epsilon``
+    prediction_type: str = "epsilon"
 
     @property
     def vae_scale_factor(self) -> int:
@@ -108,6 +111,8 @@ class SDModels:
         """Identifies the weights and the timestep grid for cache keys: id, revision, the scheduler's
         ``steps_offset`` and, for local folders, file mtimes."""
         grid = f"|offset={self.scheduler.config.get('steps_offset', 0)}"
+        if self.prediction_type != "epsilon":
+            grid += f"|pred={self.prediction_type}"
         p = Path(self.model_id)
         if p.is_dir():
             stamp = ",".join(
@@ -141,7 +146,53 @@ def _explicit(config) -> dict:
     return {k: v for k, v in config.items() if k != "_use_default_values"}
 
 
+def epsilon_unet(unet, prediction_type: str, alphas_cumprod, where: str = "the model") -> None:
+    """Refuse a prediction type the editors cannot use; give a ``v_prediction`` U-Net the ε conversion
+    (:func:`oig.diffusion.install_epsilon_output`). ``epsilon`` needs nothing."""
+    from .diffusion import PREDICTION_TYPES, install_epsilon_output
+
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(
+            f"{where}: scheduler/scheduler_config.json declares prediction_type={prediction_type!r}; every editor "
+            f"here works on noise predictions and supports {' and '.join(PREDICTION_TYPES)} (v_prediction is "
+            f"converted to ε at load). Use a checkpoint trained for one of them (model.pretrained=...)")
+    if prediction_type == "v_prediction":
+        install_epsilon_output(unet, alphas_cumprod)
+        log.info("%s: v_prediction model; its U-Net output is converted to ε (eps = sqrt(abar) v + "
+                 "sqrt(1 - abar) x_t)", where)
+
+
+def epsilon_scheduler(scheduler, unet, where: str = "the model"):
+    """Make ``unet`` and ``scheduler`` speak ε: :func:`epsilon_unet` for the prediction type the
+    scheduler declares, and for ``v_prediction`` the scheduler rebuilt with ``prediction_type: epsilon``
+    (so diffusers pipelines built from it read the converted output right). Returns
+    ``(scheduler, declared prediction type)``."""
+    pred = scheduler.config.get("prediction_type", "epsilon")
+    epsilon_unet(unet, pred, scheduler.alphas_cumprod, where)
+    if pred != "epsilon":
+        scheduler = type(scheduler).from_config({**_explicit(scheduler.config), "prediction_type": "epsilon"})
+    return scheduler, pred
+
+
 _CACHE: dict[tuple, SDModels] = {}
+
+
+def clear_loaded() -> None:
+    """Forget the memoised models (:func:`load_sd` loads them again), so that their memory can be freed
+    once nothing else holds them."""
+    _CACHE.clear()
+
+
+def _declared_prediction_type(path: str, default: str) -> str:
+    """The prediction type a replacement U-Net's own folder/repo declares in ``scheduler/``, else ``default``
+    (the base model's): a U-Net shares the base's scheduler but may have been trained otherwise."""
+    from diffusers import DDIMScheduler
+
+    try:
+        cfg = DDIMScheduler.load_config(path, subfolder="scheduler", local_files_only=True)
+    except (OSError, ValueError, EnvironmentError):
+        return default
+    return cfg.get("prediction_type", "epsilon")
 
 
 def load_sd(
@@ -162,6 +213,10 @@ def load_sd(
     ``unet`` optionally names another folder/id whose ``unet`` replaces the base one (the
     toy InstructPix2Pix U-Net). Loaded models are memoised per process, so a sweep loads
     each model once.
+
+    Prediction type: ``epsilon`` and ``v_prediction`` (SD 2.x at 768) checkpoints load; a
+    ``v_prediction`` U-Net's output is converted to ε in one place (:func:`epsilon_scheduler`),
+    so every editor works on either. Other types are refused here with a ValueError.
     """
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -184,7 +239,9 @@ def load_sd(
         except (OSError, ValueError, EnvironmentError) as e:
             raise _missing(unet, e) from e
         unet_m.to(dev).eval().requires_grad_(False)
-        models = dataclasses.replace(base, unet=unet_m, model_id=f"{path}+{unet}")
+        pred = _declared_prediction_type(resolve_path(unet), base.prediction_type)
+        epsilon_unet(unet_m, pred, base.scheduler.alphas_cumprod, unet)
+        models = dataclasses.replace(base, unet=unet_m, model_id=f"{path}+{unet}", prediction_type=pred)
         _CACHE[key] = models
         return models
     try:
@@ -198,9 +255,10 @@ def load_sd(
     scheduler = sd_scheduler(scheduler, path)
     if steps_offset is not None and scheduler.config.get("steps_offset") != int(steps_offset):
         scheduler = type(scheduler).from_config({**_explicit(scheduler.config), "steps_offset": int(steps_offset)})
+    scheduler, pred = epsilon_scheduler(scheduler, unet_m, path)
     for m in (text_encoder, vae, unet_m):
         m.to(dev).eval().requires_grad_(False)
-    models = SDModels(vae, unet_m, text_encoder, tokenizer, scheduler, dev, dt, path, revision)
+    models = SDModels(vae, unet_m, text_encoder, tokenizer, scheduler, dev, dt, path, revision, pred)
     log.info("loaded %s on %s (%s), resolution %d", models.model_id, dev, dt, models.resolution)
     _CACHE[key] = models
     return models

@@ -169,6 +169,13 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict:
 
     from omegaconf import open_dict
 
+    if cfg.get("preflight"):  # check models, data, one edit and the metrics (oig.preflight); run nothing
+        from oig.preflight import check_and_print
+
+        status = check_and_print(cfg)
+        if status:
+            raise SystemExit(status)
+        return {"preflight": "ready"}
     if output_dir is not None:  # outside a Hydra app (tests, notebooks): no ${hydra:...} to resolve
         with open_dict(cfg):
             cfg.paths.output_dir = str(output_dir)

@@ -2,16 +2,10 @@
 
 import torch
 
-from oig.clip import load_clip, wants_quick_gelu
+from oig.clip import load_clip
 from oig.testing import make_tiny_clip
 
-
-def test_openai_weights_get_quick_gelu():
-    assert wants_quick_gelu("ViT-B-32", "openai")
-    assert wants_quick_gelu("ViT-L-14", "/w/ViT-L-14-openai.bin")
-    assert not wants_quick_gelu("ViT-B-32-quickgelu", "openai")  # the name already builds it
-    assert not wants_quick_gelu("ViT-B-32", "laion2b_s34b_b79k")
-    assert not wants_quick_gelu("toy", None)
+# which activation a CLIP gets (QuickGELU by declaration): tests/test_clip_quickgelu.py
 
 
 def test_quick_gelu_is_built_when_forced(tmp_path):
@@ -22,6 +16,7 @@ def test_quick_gelu_is_built_when_forced(tmp_path):
     forced = load_clip(name, quick_gelu=True)
     assert not any(isinstance(m, QuickGELU) for m in plain.model.modules())
     assert any(isinstance(m, QuickGELU) for m in forced.model.modules())
+    assert (plain.activation.name, forced.activation.name) == ("GELU", "QuickGELU")
 
 
 def test_preprocess_is_differentiable_and_matches_size(tmp_path):

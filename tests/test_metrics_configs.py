@@ -35,7 +35,7 @@ def test_configs_instantiate(name, expected):
     assert all(isinstance(v, Metric) for v in got.values())
     if name == "paper":
         assert got["clip"].output_keys == ["clip_score", "clip_acc"]
-        assert (got["clip"].model, got["clip"].pretrained) == ("ViT-B-32", "openai")
+        assert (got["clip"].model, got["clip"].pretrained) == ("ViT-B-32-quickgelu", "openai")
         assert got["structure"].arch == "vit_base_patch8_224.dino" and not got["structure"].pie_bench_compat
         assert got["background"].output_keys == ["bg_lpips"] and got["background"].lpips_net == "alex"
     if name == "pie_bench":

@@ -88,7 +88,35 @@ def test_background_metrics_use_text_masks(tiny_clipseg):
 
 
 def test_missing_model_error(tmp_path):
+    m = TextMasker(str(tmp_path / "no_clipseg"))  # arguments only: the network loads on first use
+    assert not m.loaded
     with pytest.raises(RuntimeError, match="mask_from_text.model"):
-        TextMasker(str(tmp_path / "no_clipseg"))
+        m.load()
+    with pytest.raises(RuntimeError, match="needed for samples without a mask"):  # same error, no second attempt
+        m.segment([_img(0)], ["circle"])
     with pytest.raises(ValueError, match="threshold"):
         TextMasker(str(tmp_path / "no_clipseg"), threshold=2.0)
+    with pytest.raises(ValueError, match="dilate"):
+        TextMasker(str(tmp_path / "no_clipseg"), dilate=-1)
+
+
+def test_clipseg_is_loaded_only_for_samples_without_a_mask(tmp_path, tiny_clipseg):
+    """metrics=paper with every sample carrying its own mask runs without the CLIPSeg weights."""
+    src, edt = _img(6), _img(7)
+    own = np.zeros((30, 40), bool)
+    own[:10] = True
+    with_mask = MetricInput(src, edt, "a red circle", "a blue circle", mask=own)
+    without = MetricInput(src, edt, "a red circle", "a blue circle")
+    bg = BackgroundMetrics(metrics=["mse"], mask_from_text={"model": str(tmp_path / "no_clipseg")})
+    bg.setup("cpu")
+    full = ((np.asarray(src, np.float64) - np.asarray(edt, np.float64)) / 255.0) ** 2
+    assert bg([with_mask, with_mask])[0]["bg_mse"] == pytest.approx(full[10:].mean(), rel=1e-5)
+    assert not bg.masker.loaded
+    with pytest.raises(RuntimeError, match="mask_from_text.model"):
+        bg([without])
+    ok = BackgroundMetrics(metrics=["mse"], mask_from_text={"model": tiny_clipseg, "threshold": 1.0})
+    ok.setup("cpu")
+    ok([with_mask])
+    assert not ok.masker.loaded
+    ok([without])
+    assert ok.masker.loaded
