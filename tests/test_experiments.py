@@ -25,7 +25,7 @@ import oig.run
 from oig.run import CONF_DIR
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
-TOY_TABLE_METHODS = ["ddim_word_swap", "sdedit", "oig", "diffedit", "pix2pix_zero", "instruct_pix2pix", "pnp",
+TOY_TABLE_METHODS = ["ddim_word_swap", "sdedit", "oig", "oig_paper", "diffedit", "pix2pix_zero", "instruct_pix2pix", "pnp",
                      "masactrl", "null_text_p2p"]
 ABLATIONS = sorted(p.stem for p in (CONF_DIR / "ablation").glob("*.yaml"))
 
@@ -133,7 +133,7 @@ def test_paper_presets_use_the_paper_setting():
     t1 = _compose(["experiment=table1"])
     assert t1.model.pretrained == "CompVis/stable-diffusion-v1-4"
     assert t1.dataset._target_ == "oig.data.laion.LaionTasks"
-    assert set(t1.metrics) == {"clip", "structure", "background"} and t1.metrics.clip.model == "ViT-B-32"
+    assert set(t1.metrics) == {"clip", "structure", "background"} and t1.metrics.clip.model == "ViT-B-32-quickgelu"
     methods = _sweep_values(t1, "method")
     assert set(methods) == {"oig", "ddim_word_swap", "sdedit", "diffedit", "pnp", "pix2pix_zero", "null_text_p2p",
                             "masactrl", "instruct_pix2pix"}
@@ -152,8 +152,8 @@ def test_paper_presets_use_the_paper_setting():
         c = _compose(["experiment=pie_bench", f"method={m}"])
         assert c.method.steps == 50, m  # PIE-Bench ran InstructPix2Pix with 50 steps too (every setting: test_protocol_cards)
     assert _sweep_values(_compose(["experiment=lambda2_sweep"]), "method.lambda2") == \
-        ["0", "0.25", "0.5", "1.0", "1.5", "2.0", "3.0"]
-    assert _sweep_values(_compose(["experiment=lambda1_sweep"]), "method.lambda1") == ["0", "0.05", "0.1", "0.2", "0.5", "1.0"]
+        ["0", "0.1", "1.0", "10", "30", "100", "300", "1000"]
+    assert _sweep_values(_compose(["experiment=lambda1_sweep"]), "method.lambda1") == ["0", "0.01", "0.1", "1.0", "10"]
 
 
 def test_ablation_variants_set_their_switches():
@@ -317,3 +317,17 @@ def test_oig_benchmark_reports_ratios_and_the_compute_floor(tiny_sd_path, tiny_c
     assert set(r["oig_phases_cold_s"]) >= {"inversion", "reconstruction", "editing"}
     assert set(r["step_components_ms"]) == {"unet_fwd_b2", "unet_fwd_b1", "unet_fwd_bwd_b1", "vae_clip_fwd_bwd"}
     assert 0 < r["floor_ratio_cold"]
+
+
+def test_oig_defaults_are_calibrated_per_model():
+    """The toy model ships its own OIG λ2 (validation-split calibration, experiments/README.md §1); SD
+    keeps the paper's; oig_paper runs the paper's everywhere; the command line wins over both."""
+    lam = lambda ov: (lambda c: (c.method.lambda1, c.method.lambda2))(_compose(ov))  # noqa: E731
+    assert lam(["method=oig"]) == (0.1, 100.0) and lam(["method=oig_plus"]) == (0.1, 100.0)
+    assert lam(["method=oig", "model=sd14"]) == (0.1, 1.0) and lam(["experiment=table1", "method=oig"]) == (0.1, 1.0)
+    assert lam(["method=oig_paper"]) == (0.1, 1.0)
+    assert lam(["method=oig", "method.lambda2=3"]) == (0.1, 3)
+    assert "oig_paper" in _sweep_values(_compose(["experiment=toy_table"]), "method")
+    assert _sweep_values(_compose(["experiment=toy_benchmark"]), "method") == \
+        _sweep_values(_compose(["experiment=toy_table"]), "method")
+    assert _compose(["experiment=toy_benchmark"]).dataset.n_per_task == 12
