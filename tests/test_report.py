@@ -289,7 +289,7 @@ def test_ablation_variants_are_labelled_by_name(tmp_path, tiny):
                                            "dataset.tasks=[color_change,shape_swap]", *tiny])
     written = report.write_report([sweep])
     df = report.load_results([sweep])
-    assert sorted(set(df.setting)) == ["clip_only", "full"] and set(df.hp_lambda2) == {0.0, 1.0}
+    assert sorted(set(df.setting)) == ["clip_only", "full"] and set(df.hp_lambda2) == {0.0, 100.0}  # the toy model's calibrated λ2
     md = written["markdown"].read_text()
     rows = [x.split("|")[2].strip() for x in md.split("### Overall")[1].split("##")[0].splitlines()
             if x.startswith("| oig")]

@@ -45,7 +45,7 @@ def test_every_config_composes():
     for n in groups["method"]:
         cfg = _cfg([f"method={n}"])
         ed = instantiate(cfg.method)
-        assert ed.name == n or n in ("null_text", "ddim_p2p")
+        assert ed.name == n or n in ("null_text", "ddim_p2p", "oig_paper")  # oig_paper: the oig editor at the paper's λ
 
 
 def test_run_writes_rows_images_grid(tiny_sd_path, tmp_path):
