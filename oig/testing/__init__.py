@@ -1,5 +1,9 @@
-"""Tiny random SD-shaped models for tests: built from config, saved with ``save_pretrained``
-and loaded back through :func:`oig.models.load_sd`, the same path real models take."""
+"""Random-weight models for tests, saved with ``save_pretrained`` and loaded back through the
+same code paths as real weights (:func:`oig.models.load_sd`, :func:`oig.clip.load_clip`).
+
+Here: tiny SD-shaped models (:func:`make_tiny_sd`, :func:`make_tiny_clip`) for fast tests.
+:mod:`oig.testing.twin`: the twin zoo, random weights in the *published* architectures (SD 1.x /
+2.x, InstructPix2Pix, the metric models) at their true sizes (``python -m oig.testing.twin DIR``)."""
 
 from __future__ import annotations
 
@@ -38,8 +42,8 @@ def make_tiny_sd(folder: str | Path, seed: int = 0, in_channels: int = 4) -> Pat
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from .toy.tokenizer import save_tokenizer
-    from .toy.train import SCHEDULER_CONFIG
+    from ..toy.tokenizer import save_tokenizer
+    from ..toy.train import SCHEDULER_CONFIG
 
     folder = Path(folder)
     torch.manual_seed(seed)
@@ -67,8 +71,8 @@ def make_tiny_clip(folder: str | Path, seed: int = 0) -> str:
     import open_clip
     from safetensors.torch import save_file
 
-    from .toy.tokenizer import save_tokenizer
-    from .toy.train import CLIP_MEAN, CLIP_STD, CLIP_MODEL_CFG
+    from ..toy.tokenizer import save_tokenizer
+    from ..toy.train import CLIP_MEAN, CLIP_STD, CLIP_MODEL_CFG
 
     folder = Path(folder)
     tok = save_tokenizer(folder, model_max_length=32)
