@@ -250,7 +250,13 @@ class Diffusion:
     # ------------------------------------------------------------------ U-Net
     def eps(self, x: torch.Tensor, t: int, cond: torch.Tensor, neg: torch.Tensor | None = None,
             guidance: float = 1.0, **unet_kwargs) -> torch.Tensor:
-        """Noise prediction; with ``neg`` and guidance != 1 the CFG batch ``[neg, cond]``."""
+        """Noise prediction; with ``neg`` and guidance != 1 the CFG batch ``[neg, cond]``. Prompt
+        embeddings of batch 1 serve every latent of a batch ``x``."""
+        n = x.shape[0]
+        if cond.shape[0] == 1 and n > 1:
+            cond = cond.expand(n, *cond.shape[1:])
+        if neg is not None and neg.shape[0] == 1 and n > 1:
+            neg = neg.expand(n, *neg.shape[1:])
         if neg is None or guidance == 1.0:
             return self.m.unet(x, t, encoder_hidden_states=cond, **unet_kwargs).sample
         out = self.m.unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([neg, cond]), **unet_kwargs).sample

@@ -74,6 +74,11 @@ class Editor(ABC):
 
     # -------------------------------------------------------------- call
     def __call__(self, req: EditRequest) -> EditResult:
+        return self.call_with(req, self.edit)
+
+    def call_with(self, req: EditRequest, edit):
+        """Check and prepare ``req``, seed, and time ``edit(req, src, timer)`` (an :class:`EditResult`
+        or a list of them); each result's ``timings`` gets the timer's phases and ``total``."""
         if self.core is None:
             raise RuntimeError(f"{type(self).__name__} is not bound to models; call .bind(models) first")
         img = to_rgb(req.image)
@@ -87,9 +92,17 @@ class Editor(ABC):
         timer = Timer()
         torch.manual_seed(req.seed)
         with timer("total"):
-            res = self.edit(req, src, timer)
-        res.timings = {**timer.t, **res.timings}
+            res = edit(req, src, timer)
+        for r in res if isinstance(res, list) else [res]:
+            r.timings = {**timer.t, **r.timings}
         return res
+
+    def edit_points(self, req: EditRequest, points: list[Editor]) -> list[EditResult]:
+        """Edit ``req`` once per point of a sweep: ``points`` are editors of one method, bound to the
+        same models, that differ in hyperparameters (:mod:`oig.sweep`). Here one edit after the
+        other (the model loaded once, inversions shared through the cache); editors that can
+        batch the points override this (OIG, OIG+)."""
+        return [p(req) for p in points]
 
     @abstractmethod
     def edit(self, req: EditRequest, src, timer: Timer) -> EditResult:

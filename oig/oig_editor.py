@@ -46,6 +46,15 @@ hinge is inactive the VAE decoder and CLIP are not back-propagated; features are
 the compute dtype on the device (``offload_features=true`` moves them to the CPU); and the
 whole loop is written without the reference's one-step lag.
 
+Memory savers (config switches, off by default; each leaves the edit unchanged, tested on the
+tiny model; measured savings at 512 px in ``experiments/bench_memory.py``), applied to the guided
+pass, where the memory peak is: ``vae_checkpointing`` (gradient checkpointing of the VAE decoder
+blocks that the CLIP term back-propagates through: their activations are recomputed during the
+backward instead of kept; bit-identical), ``unet_checkpointing`` (the same for the U-Net blocks of
+the back-propagated CFG copy; bit-identical), ``attention_slicing`` (diffusers' sliced attention,
+``auto`` | ``max`` | a slice size, computed head-slice by head-slice with an explicit softmax: equal
+up to float rounding), and ``offload_features`` (above).
+
 Differences that can, each a config switch: the VAE posterior *mean* is encoded
 (``encode=mean``; the reference draws an unseeded sample: ``encode=sample`` draws a seeded
 one); the aspect ratio is kept (``resize_mode=keep_aspect``; the reference resizes to a
@@ -57,7 +66,10 @@ bicubic without antialiasing (torchvision < 0.17 tensor semantics).
 
 from __future__ import annotations
 
+import copy
 import logging
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -71,6 +83,31 @@ from .registry import register_editor
 from .types import EditRequest, EditResult
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class PointWeights:
+    """Per-point weights of the n points guided as one batch (a batched sweep; n = 1 for one edit):
+    [n] tensors, ``eta`` and ``guided`` [steps, n]. ``struct_on`` / ``clip_on``: the term acts on the
+    point (its weight and switch are on); ``struct_rec`` / ``clip_rec``: the point's own run would
+    compute (and report) the term."""
+
+    lambda1: torch.Tensor
+    lambda2: torch.Tensor
+    beta_p: torch.Tensor
+    beta_f: torch.Tensor
+    eta: torch.Tensor
+    guided: torch.Tensor
+    struct_on: torch.Tensor
+    clip_on: torch.Tensor
+    struct_rec: list
+    clip_rec: list
+    lambda4: torch.Tensor | None = None
+    lambda3: torch.Tensor | None = None
+
+    @property
+    def n(self) -> int:
+        return int(self.lambda1.shape[0])
 
 
 def official_lr(i: int, total: int) -> float:
@@ -99,6 +136,12 @@ class OIG(Editor):
     up | list of ResnetBlock2D names; ``grad_branch`` negative (reference) | conditional |
     both (sum); ``lr_schedule`` official | constant (``lr``); ``guide_range`` [start, end) as
     fractions of the steps (steps outside are plain DDIM steps).
+
+    Memory savers (see the module docstring): ``vae_checkpointing``, ``unet_checkpointing``,
+    ``attention_slicing`` (None | ``auto`` | ``max`` | slice size), ``offload_features``.
+
+    Batched sweeps (:meth:`edit_points`): the points of a sweep over ``batched_params`` run as one
+    batch, ``sweep_batch`` points per pass (``auto`` | a number).
     """
 
     has_reconstruction = True
@@ -109,7 +152,9 @@ class OIG(Editor):
                  clip_term: str = "triplet", struct_term: str = "triplet", layers="all",
                  grad_branch: str = "negative", lr_schedule: str = "official", lr: float = 1.0,
                  guide_range: tuple = (0.0, 1.0), offload_features: bool = False, cache_features_mb: float = 256.0,
-                 resize_mode: str = "keep_aspect", encode: str = "mean"):
+                 resize_mode: str = "keep_aspect", encode: str = "mean", vae_checkpointing: bool = False,
+                 unet_checkpointing: bool = False, attention_slicing: str | int | None = None,
+                 sweep_batch: str | int = "auto"):
         super().__init__(steps, guidance, negative, resize_mode, encode)
         self.lambda1, self.lambda2, self.beta_p, self.beta_f = lambda1, lambda2, beta_p, beta_f
         self.inversion = inversion
@@ -125,6 +170,16 @@ class OIG(Editor):
         self.guide_range = tuple(float(x) for x in guide_range)
         self.offload_features = offload_features
         self.cache_features_mb = cache_features_mb
+        size_ok = isinstance(attention_slicing, int) and not isinstance(attention_slicing, bool) and attention_slicing > 0
+        if not (attention_slicing is None or attention_slicing in ("auto", "max") or size_ok):
+            raise ValueError(f"attention_slicing must be null, auto, max or a positive slice size, "
+                             f"got {attention_slicing!r}")
+        self.vae_checkpointing, self.unet_checkpointing = bool(vae_checkpointing), bool(unet_checkpointing)
+        self.attention_slicing = attention_slicing
+        if not (sweep_batch == "auto" or (isinstance(sweep_batch, int) and not isinstance(sweep_batch, bool)
+                                          and sweep_batch > 0)):
+            raise ValueError(f"sweep_batch must be auto or a positive number of points, got {sweep_batch!r}")
+        self.sweep_batch = sweep_batch
         step_sizes(steps, lr_schedule, lr)  # validate early
 
     # ------------------------------------------------------------------ setup
@@ -143,6 +198,26 @@ class OIG(Editor):
         if self.negative == "auto":
             return "" if req.init_noise is not None else req.source_prompt
         return super().negative_text(req)
+
+    @contextmanager
+    def memory_savers(self):
+        """The guided pass's memory savers, switched on for the block and restored after (the models
+        are shared with other editors)."""
+        vae, unet = self.models.vae, self.models.unet
+        undo = []
+        try:
+            for on, model in ((self.vae_checkpointing, vae), (self.unet_checkpointing, unet)):
+                if on and not model.is_gradient_checkpointing:
+                    model.enable_gradient_checkpointing()  # only acts where autograd records (the guided copy)
+                    undo.append(model.disable_gradient_checkpointing)
+            if self.attention_slicing is not None:
+                original = dict(unet.attn_processors)
+                unet.set_attention_slice(self.attention_slicing)
+                undo.append(lambda: unet.set_attn_processor(original))
+            yield
+        finally:
+            for fn in reversed(undo):
+                fn()
 
     def _guided(self, k: int) -> bool:
         a, b = self.guide_range
@@ -218,64 +293,82 @@ class OIG(Editor):
                 c.cache.put(key, t)
         return z_src, S, False
 
-    def _clip_loss(self, x0, e_src, e_tgt):
-        """(L_clip before the hinge, L_clip): the pre-hinge value tells whether the term has a gradient."""
+    def _clip_loss(self, x0, e_src, e_tgt, w: PointWeights):
+        """Per point: (L_clip before the hinge, L_clip), each [n]; the pre-hinge value tells whether
+        the term has a gradient."""
         img = self.core.decode(x0) / 2 + 0.5  # no clamp, as the reference
         v = self.clip.encode_image(img.to(self.clip.dtype), normalize=True)
         cos_t = (v * e_tgt).sum(-1)
         if self.clip_term == "target_only":
-            pre = (1 - cos_t).sum()
+            pre = 1 - cos_t
             return pre, pre
         cos_s = (v * e_src).sum(-1)
-        pre = (cos_s - cos_t + self.beta_p).sum()
+        pre = cos_s - cos_t + w.beta_p.to(cos_s.dtype)
         return pre, torch.clamp(pre, min=0)
 
-    def _struct_loss(self, F_now, S, P):
-        """L_struct, summed over layers; layers whose hinge is at 0 are left out of the sum
-        (their value and gradient are exactly 0), so their backward is never run."""
-        loss = 0.0
+    def _struct_loss(self, F_now, S, P, w: PointWeights, on, has_prev):
+        """L_struct per point ([n], summed over layers) and its value: each point's MSEs run over its
+        two CFG copies ([neg..., cond...] in ``F_now``). Layers whose hinge is at 0 are left out of
+        a point's sum (their value and gradient are exactly 0), and out of the graph when they are
+        at 0 for every point, so their backward is never run. ``on``: the points this term acts on;
+        ``has_prev``: the points whose previous step was guided (the others get the positive term)."""
+        n = w.n
         dev = self.models.device
-        for n in self.layer_names:
-            f = F_now[n]
-            s = S[n].to(dev)
-            pos = F.mse_loss(f, s.expand_as(f))  # a batch-1 S (same-prompt reconstruction) covers both halves
+        total = None
+        for name in self.layer_names:
+            fv = F_now[name].reshape(2, n, -1)
+            s = S[name].to(dev)
+            s = s.reshape(s.shape[0], 1, -1)  # a batch-1 S (same-prompt reconstruction) covers both halves
+            pos = w.beta_f.to(fv.dtype) * (fv - s).pow(2).mean(dim=(0, 2))
             if self.struct_term == "positive_only" or P is None:
-                loss = loss + self.beta_f * pos
-                continue
-            pre = self.beta_f * pos - F.mse_loss(f, P[n])
-            if pre.detach() >= 0:
-                loss = loss + pre
-        return loss
+                term, act = pos, on
+            else:
+                pre = pos - (fv - P[name].reshape(2, n, -1)).pow(2).mean(dim=(0, 2))
+                term = torch.where(has_prev, pre, pos)
+                act = on & (~has_prev | (pre.detach() >= 0))
+            if bool(act.any()):
+                t_ = torch.where(act, term, torch.zeros_like(term))
+                total = t_ if total is None else total + t_
+        return total
 
     def _cfg_features(self, x_neg, x_cond, t, emb2, fh):
-        """ε(x_neg, y_neg), ε(x_cond, y_cond) and the hooked features of both ([2, ...], in that
-        order). One batch-2 forward when both copies (or neither) need a gradient; otherwise the
-        copy whose gradient is discarded runs without autograd, so only one copy is
+        """ε(x_neg, y_neg), ε(x_cond, y_cond) and the hooked features of both ([neg..., cond...]).
+        One forward of the whole batch when both copies (or neither) need a gradient; otherwise
+        the copy whose gradient is discarded runs without autograd, so only one copy is
         back-propagated (same values and gradient, about half the backward cost and memory)."""
         unet = self.models.unet
+        n = x_neg.shape[0]
         fh.pop()
         if x_neg.requires_grad == x_cond.requires_grad:
-            out = unet(torch.cat([x_neg, x_cond]), t, encoder_hidden_states=emb2).sample
+            out = unet(torch.cat([x_neg, x_cond]), t, encoder_hidden_states=emb2.repeat_interleave(n, 0)).sample
             e_neg, e_cond = out.chunk(2)
             return e_neg, e_cond, fh.pop()
         outs, feats = [], []
         for x, emb in ((x_neg, emb2[:1]), (x_cond, emb2[1:])):
             with torch.set_grad_enabled(x.requires_grad and torch.is_grad_enabled()):
-                outs.append(unet(x, t, encoder_hidden_states=emb).sample)
+                outs.append(unet(x, t, encoder_hidden_states=emb.expand(n, *emb.shape[1:])).sample)
             feats.append(fh.pop())
-        return outs[0], outs[1], {n: torch.cat([feats[0][n], feats[1][n]]) for n in feats[0]}
+        return outs[0], outs[1], {k: torch.cat([feats[0][k], feats[1][k]]) for k in feats[0]}
 
-    def loss_at(self, x_neg, x_cond, t, emb2, S, P, e_src, e_tgt, fh, extra_loss=None):
+    def loss_at(self, x_neg, x_cond, t, emb2, S, P, e_src, e_tgt, fh, extra_loss=None, w=None, on=None,
+                has_prev=None):
         """L_dist at the CFG pair: the reference's input ``[x_t, x_t]`` as its two copies
         ``x_neg`` (negative prompt) and ``x_cond`` (target prompt), differentiable w.r.t. each
         copy that requires grad. ``x̂0`` uses ``x_neg`` explicitly, as the reference's
-        ``_x.chunk(2)[0]``.
+        ``_x.chunk(2)[0]``. The batch holds n sweep points (n = 1 for one edit), each with the
+        weights of ``w`` (default: this editor's); ``on`` the points guided at this step,
+        ``has_prev`` those with a previous guided step (defaults: all; all when ``P`` is given).
 
         Returns ``(loss, eps, features, x0_hat, parts)``; ``fh`` is the active FeatureHooks.
-        ``loss`` carries the terms that have a gradient (hinges at 0 are left out: their value
-        and gradient are 0); ``parts`` the value of each term.
+        ``loss`` is the sum over points of the terms that have a gradient (hinges at 0 are left
+        out: their value and gradient are 0); ``parts`` the value of each term per point ([n]).
         """
         c = self.core
+        w = w if w is not None else self.point_weights([self])
+        n = x_neg.shape[0]
+        on = on if on is not None else torch.ones(n, dtype=torch.bool, device=x_neg.device)
+        if has_prev is None:
+            has_prev = torch.full((n,), P is not None, dtype=torch.bool, device=x_neg.device)
         e_neg, e_cond, F_now = self._cfg_features(x_neg, x_cond, t, emb2, fh)
         eps = e_neg + self.guidance * (e_cond - e_neg)
         a = c.abar(t)
@@ -283,50 +376,139 @@ class OIG(Editor):
         parts = {}
         loss = x_neg.new_zeros(())  # stays without a graph when every term is inactive
         if self.layer_names:
-            parts["struct"] = self._struct_loss(F_now, S, P)
-            loss = loss + self.lambda2 * parts["struct"]
+            term = self._struct_loss(F_now, S, P, w, on & w.struct_on, has_prev)
+            parts["struct"] = term.detach() if term is not None else x_neg.new_zeros(n)
+            if term is not None:
+                loss = loss + (w.lambda2 * term).sum()
         if self.clip is not None:
-            pre, parts["clip"] = self._clip_loss(x0, e_src, e_tgt)
-            if pre.detach() >= 0:
-                loss = loss + self.lambda1 * pre
+            pre, parts["clip"] = self._clip_loss(x0, e_src, e_tgt, w)
+            act = on & w.clip_on & (pre.detach() >= 0)
+            if bool(act.any()):
+                loss = loss + torch.where(act, w.lambda1 * pre, torch.zeros_like(pre, dtype=w.lambda1.dtype)).sum()
+            parts["clip"] = parts["clip"].detach()
         if extra_loss is not None:
-            parts["cycle_tgt"] = extra_loss(x0)
-            loss = loss + parts["cycle_tgt"]
+            cyc = extra_loss(x0)
+            parts["cycle_tgt"] = cyc.detach()
+            loss = loss + cyc.sum()
         return loss, eps, F_now, x0, parts
 
-    def _has_guidance(self, extra_loss) -> bool:
-        return ((bool(self.layer_names) and self.lambda2 != 0) or (self.clip is not None and self.lambda1 != 0)
-                or extra_loss is not None)
+    def _has_guidance(self, extra_loss, w: PointWeights | None = None, on=None) -> bool:
+        """Whether any point has a term to differentiate at this step."""
+        w = w if w is not None else self.point_weights([self])
+        acts = w.struct_on | w.clip_on
+        return bool((acts & on).any() if on is not None else acts.any()) or extra_loss is not None
 
-    def _guided_step(self, x, k, t, d, emb2, S, P, e_src, e_tgt, eta, fh, extra_loss=None):
-        """One guided step at τ_k. Returns (x_next, features for the next negative, x̂0, loss parts)."""
-        if not self._has_guidance(extra_loss):  # λ1 = λ2 = 0: nothing to differentiate, a plain CFG step
+    def _guided_step(self, x, k, t, d, emb2, S, P, e_src, e_tgt, w: PointWeights, fh, extra_loss=None):
+        """One guided step at τ_k for the n points of ``x``. Returns (x_next, features for the next
+        negative, x̂0, loss parts per point)."""
+        on = w.guided[k]
+        if not self._has_guidance(extra_loss, w, on):  # λ1 = λ2 = 0: nothing to differentiate, a plain CFG step
             with torch.no_grad():
                 eps = self.core.eps(x, t, emb2[1:], emb2[:1], self.guidance)
                 F_now = fh.pop()
                 x_next, x0 = self.core.ddim_step(x, eps, t, t - d)
             return x_next, F_now, x0, {}
+        has_prev = w.guided[k - 1] if (P is not None and k > 0) else torch.zeros_like(on)
         x_neg = x.detach().requires_grad_(self.grad_branch in ("negative", "both"))
         x_cond = x.detach().requires_grad_(self.grad_branch in ("conditional", "both"))
         inputs = [v for v in (x_neg, x_cond) if v.requires_grad]
         with torch.enable_grad():
-            loss, eps, F_now, x0, parts = self.loss_at(x_neg, x_cond, t, emb2, S, P, e_src, e_tgt, fh, extra_loss)
+            loss, eps, F_now, x0, parts = self.loss_at(x_neg, x_cond, t, emb2, S, P, e_src, e_tgt, fh, extra_loss,
+                                                       w=w, on=on, has_prev=has_prev)
             if loss.requires_grad:
                 g = sum(torch.autograd.grad(loss, inputs, allow_unused=True, materialize_grads=True))
+                fh.pop()  # with unet_checkpointing the backward re-ran the hooked blocks: drop those copies
             else:  # every hinge at 0: no gradient, no backward
                 g = torch.zeros_like(x)
         with torch.no_grad():
             x_next, _ = self.core.ddim_step(x, eps.detach(), t, t - d)
-            x_next = x_next - eta * g
+            eta = torch.where(on, w.eta[k], torch.zeros_like(w.eta[k]))
+            x_next = x_next - eta.to(x.dtype).view(-1, *([1] * (x.ndim - 1))) * g
         P_next = {n: v.detach() for n, v in F_now.items()}
-        return x_next, P_next, x0.detach(), {k_: float(v.detach()) if torch.is_tensor(v) else float(v) for k_, v in parts.items()}
+        return x_next, P_next, x0.detach(), parts
+
+    # ------------------------------------------------------------------ sweep points
+    #: hyperparameters whose values may differ between the points of one batched sweep (the
+    #: others, apart from the memory-only ones, must be equal)
+    batched_params = ("lambda1", "lambda2", "beta_p", "beta_f", "guide_range", "lr_schedule", "lr")
+    memory_params = ("offload_features", "cache_features_mb", "vae_checkpointing", "unet_checkpointing",
+                     "attention_slicing", "sweep_batch")
+
+    def point_weights(self, points: list[OIG]) -> PointWeights:
+        """The per-point loss weights of ``points`` (bound editors of this class), on the device."""
+        dev = self.models.device
+        vec = lambda name: torch.tensor([float(getattr(p, name)) for p in points], device=dev)  # noqa: E731
+        flags = lambda fn: torch.tensor([bool(fn(p)) for p in points], device=dev)  # noqa: E731
+        return PointWeights(
+            lambda1=vec("lambda1"), lambda2=vec("lambda2"), beta_p=vec("beta_p"), beta_f=vec("beta_f"),
+            eta=torch.tensor([step_sizes(self.steps, p.lr_schedule, p.lr) for p in points], device=dev).T.contiguous(),
+            guided=torch.tensor([[p._guided(k) for p in points] for k in range(self.steps)], device=dev),
+            struct_on=flags(lambda p: p.layer_names and p.lambda2 != 0),
+            clip_on=flags(lambda p: p.clip is not None and p.lambda1 != 0),
+            struct_rec=[bool(p.layer_names) for p in points], clip_rec=[p.clip is not None for p in points])
+
+    def batchable(self, points: list[Editor]) -> str | None:
+        """None when ``points`` can share one batched pass with this editor leading it; else why not."""
+        if any(type(p) is not type(self) for p in points):
+            return "the points are not all the same editor class"
+        skip = set(self.batched_params) | set(self.memory_params)
+        mine = {k: v for k, v in self.hparams().items() if k not in skip}
+        for p in points:
+            theirs = {k: v for k, v in p.hparams().items() if k not in skip}
+            diff = sorted(k for k in mine if mine[k] != theirs.get(k))
+            if diff:
+                return f"the points differ in {diff}, which one batched pass cannot vary (only {list(self.batched_params)})"
+            if p.models is not self.models:
+                return "the points are bound to different models"
+        return None
+
+    def edit_points(self, req: EditRequest, points: list[Editor]) -> list[EditResult]:
+        """Every point of a sweep on one request in one pass: inversion and reconstruction once, the
+        guided latents of the points stacked as one batch through each U-Net / VAE / CLIP call, each
+        with its own weights and step sizes; chunks of ``sweep_batch`` points (``auto``: all on the
+        CPU; on CUDA all, halved on out-of-memory). Each result's timings are the chunk's divided
+        by its points, ``info['sweep_batch']`` the chunk size."""
+        why = self.batchable(points)
+        if why is not None:
+            log.info("OIG sweep: one pass per point (%s)", why)
+            return super().edit_points(req, points)
+        size = len(points) if self.sweep_batch == "auto" else max(1, int(self.sweep_batch))
+        out, i = [], 0
+        while i < len(points):
+            chunk = points[i : i + size]
+            try:
+                out += self._call_chunk(req, chunk)
+            except torch.cuda.OutOfMemoryError:
+                if size == 1 or self.sweep_batch != "auto":
+                    raise
+                size = max(1, size // 2)
+                log.warning("OIG sweep: out of memory with %d points per pass; trying %d", len(chunk), size)
+                torch.cuda.empty_cache()
+                continue
+            i += len(chunk)
+        return out
+
+    def _call_chunk(self, req: EditRequest, chunk: list[OIG]) -> list[EditResult]:
+        lead = copy.copy(self)  # the chunk's union: every hooked layer and the CLIP any point needs
+        lead.layer_names = next((p.layer_names for p in chunk if p.layer_names), [])
+        lead.clip = next((p.clip for p in chunk if p.clip is not None), None)
+        lead.guide_range = (min(p.guide_range[0] for p in chunk), max(p.guide_range[1] for p in chunk))
+        results = lead.call_with(req, lambda r, src, timer: lead._edit_points(r, src, timer, chunk))
+        n = len(chunk)
+        for r in results:
+            r.timings = {k: v / n for k, v in r.timings.items()}
+            r.info["sweep_batch"] = n
+        return results
 
     # ------------------------------------------------------------------ edit
     def edit(self, req: EditRequest, src, timer: Timer) -> EditResult:
+        return self._edit_points(req, src, timer, [self])[0]
+
+    def _edit_points(self, req: EditRequest, src, timer: Timer, points: list[OIG]) -> list[EditResult]:
         c = self.core
         ts = c.timesteps(self.steps)
         d = c.step_size(self.steps)
-        etas = step_sizes(self.steps, self.lr_schedule, self.lr)
+        w = self.point_weights(points)
         xT, cached = self._start(req, src, timer)
         neg = self.negative_text(req)
         emb_neg, emb_src, emb_tgt = c.encode_text([neg]), c.encode_text([req.source_prompt]), c.encode_text([req.target_prompt])
@@ -339,35 +521,48 @@ class OIG(Editor):
             z_src, S, recon_cached = self._cached_reconstruct(req, src, neg, xT, torch.cat([emb_neg, emb_src]), ts, d)
         feat_bytes = sum(v.numel() * v.element_size() for s in S if s for v in s.values())
         emb2 = torch.cat([emb_neg, emb_tgt])
-        stats = {"clip": [], "struct": [], "cycle_tgt": []}
-        with timer("editing"):
-            x = self._edit_loop(xT, z_src, ts, d, emb2, torch.cat([emb_neg, emb_src]), S, e_src, e_tgt, etas, stats)
+        stats = [{"clip": [], "struct": [], "cycle_tgt": []} for _ in points]
+        with timer("editing"), self.memory_savers():
+            x = self._edit_loop(xT, z_src, ts, d, emb2, torch.cat([emb_neg, emb_src]), S, e_src, e_tgt, w, stats)
         self.check_finite(x, "guided sampling")
-        with torch.no_grad():
-            out = c.decode_pil(x)
+        with torch.no_grad():  # one decode per point: the same computation as a single edit's
+            outs = [c.decode_pil(x[i : i + 1]) for i in range(len(points))]
             recon = c.decode_pil(z_src)
-        info = {"inversion_cached": cached, "reconstruction_cached": recon_cached,
-                "source_feature_mb": round(feat_bytes / 2**20, 3)}
-        for k_, v in stats.items():
-            if v:
-                info[f"loss_{k_}_mean"] = sum(v) / len(v)
-        return EditResult(image=out, source=src, reconstruction=recon, info=info)
+        results = []
+        for i in range(len(points)):
+            info = {"inversion_cached": cached, "reconstruction_cached": recon_cached,
+                    "source_feature_mb": round(feat_bytes / 2**20, 3)}
+            for k_, v in stats[i].items():
+                if v:
+                    info[f"loss_{k_}_mean"] = sum(v) / len(v)
+            results.append(EditResult(image=outs[i], source=src, reconstruction=recon, info=info))
+        return results
 
-    def _edit_loop(self, xT, z_src, ts, d, emb2, emb_src2, S, e_src, e_tgt, etas, stats):
+    def _record(self, stats, parts, w: PointWeights, k: int):
+        """Append step k's loss values to the stats of each point guided there, for the terms that
+        point's own run would report."""
+        for i in range(w.n):
+            if not bool(w.guided[k, i]):
+                continue
+            for name, v in parts.items():
+                if (name == "struct" and not w.struct_rec[i]) or (name == "clip" and not w.clip_rec[i]):
+                    continue
+                stats[i][name].append(float(v[i]))
+
+    def _edit_loop(self, xT, z_src, ts, d, emb2, emb_src2, S, e_src, e_tgt, w: PointWeights, stats):
         c, unet = self.core, self.models.unet
-        x, P = xT, None
+        x, P = xT.repeat(w.n, *([1] * (xT.ndim - 1))), None
         with FeatureHooks(unet, self.layer_names) as fh:
             for k, t in enumerate(tqdm(ts, desc="oig", disable=not c.progress, leave=False)):
-                if not self._guided(k):
+                if not bool(w.guided[k].any()):
                     with torch.no_grad():
                         e = c.eps(x, t, emb2[1:], emb2[:1], self.guidance)
                         fh.pop()
                         x, _ = c.ddim_step(x, e, t, t - d)
                     P = None
                     continue
-                x, P, _, parts = self._guided_step(x, k, t, d, emb2, S[k], P, e_src, e_tgt, etas[k], fh)
-                for k_, v in parts.items():
-                    stats[k_].append(v)
+                x, P, _, parts = self._guided_step(x, k, t, d, emb2, S[k], P, e_src, e_tgt, w, fh)
+                self._record(stats, parts, w, k)
                 S[k] = None  # free as we go
         return x
 
@@ -376,6 +571,8 @@ class OIG(Editor):
 class OIGPlus(OIG):
     """OIG+ : OIG plus the reference's cycle-consistency guidance (λ4, λ3 = ``lambda3_ratio`` · λ4)."""
 
+    batched_params = OIG.batched_params + ("lambda4", "lambda3_ratio")
+
     def __init__(self, lambda4: float = 0.1, lambda3_ratio: float = 0.2, **kw):
         super().__init__(**kw)
         if tuple(self.guide_range) != (0.0, 1.0):
@@ -383,29 +580,43 @@ class OIGPlus(OIG):
         self.lambda4 = lambda4
         self.lambda3_ratio = lambda3_ratio
 
+    def point_weights(self, points):
+        w = super().point_weights(points)
+        dev = self.models.device
+        w.lambda4 = torch.tensor([float(p.lambda4) for p in points], device=dev)
+        w.lambda3 = torch.tensor([float(p.lambda3_ratio * p.lambda4) for p in points], device=dev)
+        return w
+
     def _jump_to_T(self, x, a_T, a_s, eps):
         return (a_T / a_s) ** 0.5 * x + ((1 - a_T) ** 0.5 - (a_T * (1 - a_s) / a_s) ** 0.5) * eps
 
     def _cfg(self, X2, t, emb2):
-        e_neg, e_cond = self.models.unet(X2, t, encoder_hidden_states=emb2).sample.chunk(2)
+        n = X2.shape[0] // 2
+        e_neg, e_cond = self.models.unet(X2, t, encoder_hidden_states=emb2.repeat_interleave(n, 0)).sample.chunk(2)
         return e_neg + self.guidance * (e_cond - e_neg)
 
-    def _source_step(self, x_src, s, i, x0_tgt, emb_src2, emb2, d, a_T):
-        """One step of the source re-inversion at timestep ``s`` with the source cycle loss."""
+    @staticmethod
+    def _norms(x):
+        """‖x_i‖₂ of each point (one norm over all of a point's elements, as ``torch.norm`` of a batch of 1)."""
+        return x.flatten(1).norm(dim=1)
+
+    def _source_step(self, x_src, s, i, x0_tgt, emb_src2, emb2, d, a_T, w: PointWeights):
+        """One step of the source re-inversion at timestep ``s`` with the source cycle loss (per point)."""
         c = self.core
         N = self.steps
-        lam3 = self.lambda3_ratio * self.lambda4
-        Xs = torch.cat([x_src, x_src]).detach().requires_grad_(lam3 != 0)
-        with torch.set_grad_enabled(lam3 != 0):
+        n = x_src.shape[0]
+        grad = bool((w.lambda3 != 0).any())
+        Xs = torch.cat([x_src, x_src]).detach().requires_grad_(grad)
+        with torch.set_grad_enabled(grad):
             eps_s = self._cfg(Xs, s, emb_src2)
             g = 0.0
-            if lam3 != 0:
-                xT_hat = self._jump_to_T(Xs[:1], a_T, float(c.alphas[s]), eps_s)
+            if grad:
+                xT_hat = self._jump_to_T(Xs[:n], a_T, float(c.alphas[s]), eps_s)
                 with torch.no_grad():  # one-shot inversion of the current target x̂0 at the first timestep
                     s0 = c.timesteps(N)[-1]
                     e0 = self._cfg(torch.cat([x0_tgt, x0_tgt]), s0, emb2)
                     pseudo_T = self._jump_to_T(x0_tgt, a_T, 1.0, e0)
-                loss = (1.0 - i / N) * lam3 * torch.norm(pseudo_T - xT_hat)
+                loss = ((1.0 - i / N) * w.lambda3 * self._norms(pseudo_T - xT_hat)).sum()
                 (gX,) = torch.autograd.grad(loss, Xs)
                 g = gX.chunk(2)[0]
         with torch.no_grad():
@@ -419,32 +630,32 @@ class OIGPlus(OIG):
         eps = self._cfg(torch.cat([x_src, x_src]), s_next, emb_src2)
         return self._jump_to_T(x_src, a_T, float(self.core.alphas[s_next]), eps)
 
-    def _edit_loop(self, xT, z_src, ts, d, emb2, emb_src2, S, e_src, e_tgt, etas, stats):
+    def _edit_loop(self, xT, z_src, ts, d, emb2, emb_src2, S, e_src, e_tgt, w: PointWeights, stats):
         c, unet = self.core, self.models.unet
-        N = self.steps
+        N, n = self.steps, w.n
         a_T = float(c.alphas[ts[0]])
+        rep = lambda v: v.repeat(n, *([1] * (v.ndim - 1)))  # noqa: E731  (one copy per point)
         with torch.no_grad():  # i = 0 of the reference: the first source step, against x̂0 of x_T
             x0_t = c.x0_hat(xT, c.eps(xT, ts[0], emb2[1:], emb2[:1], self.guidance), ts[0])
-        x_src = self._source_step(z_src, ts[-1], 0, x0_t, emb_src2, emb2, d, a_T)
+        x_src = self._source_step(rep(z_src), ts[-1], 0, rep(x0_t), emb_src2, emb2, d, a_T, w)
         xT_hat = self._next_jump(x_src, ts[-2], emb_src2, a_T)
-        x, P = xT, None
+        x, P = rep(xT), None
 
-        def cycle_tgt(i, eta, target_T):
+        def cycle_tgt(i, k, target_T):
             def fn(x0):
-                if self.lambda4 == 0:
-                    return x0.new_zeros(())  # no graph: nothing to back-propagate
+                if not bool((w.lambda4 != 0).any()):
+                    return x0.new_zeros(n)  # no graph: nothing to back-propagate
                 with torch.no_grad():
                     pseudo = c.sample(target_T, emb2[1:], emb2[:1], self.guidance, N, desc="cycle")
-                return (1.0 / eta) * (1.0 - i / N) * self.lambda4 * torch.norm(x0 - pseudo)
+                return (1.0 / w.eta[k]) * (1.0 - i / N) * w.lambda4 * self._norms(x0 - pseudo)
             return fn
 
         with FeatureHooks(unet, self.layer_names) as fh:
             for k, t in enumerate(tqdm(ts, desc="oig+", disable=not c.progress, leave=False)):
                 i = min(k + 1, N - 1)  # the reference's iteration index for this step
-                x, P, _, parts = self._guided_step(x, k, t, d, emb2, S[k], P, e_src, e_tgt, etas[k], fh,
-                                                   extra_loss=cycle_tgt(i, etas[k], xT_hat))
-                for k_, v in parts.items():
-                    stats[k_].append(v)
+                x, P, _, parts = self._guided_step(x, k, t, d, emb2, S[k], P, e_src, e_tgt, w, fh,
+                                                   extra_loss=cycle_tgt(i, k, xT_hat))
+                self._record(stats, parts, w, k)
                 S[k] = None
                 if k == N - 1:
                     break
@@ -453,7 +664,7 @@ class OIGPlus(OIG):
                     x0_t = c.x0_hat(x, c.eps(x, t1, emb2[1:], emb2[:1], self.guidance), t1)
                     fh.pop()
                 s = ts[-(k + 1) - 1]
-                x_src = self._source_step(x_src, s, k + 1, x0_t, emb_src2, emb2, d, a_T)
+                x_src = self._source_step(x_src, s, k + 1, x0_t, emb_src2, emb2, d, a_T, w)
                 fh.pop()
                 if k + 1 != N - 1:
                     xT_hat = self._next_jump(x_src, ts[-(k + 1) - 2], emb_src2, a_T)
