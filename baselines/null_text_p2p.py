@@ -159,6 +159,9 @@ class _P2P(Editor):
     """Prompt-to-Prompt over an inversion chosen by the subclass (see :class:`~oig.p2p.PromptToPrompt`
     for ``edit_type``, ``reweight_words``, ``blend_words`` and ``missing_words``)."""
 
+    #: numbers that also take a list ([start, end] windows): a sweep over them is a list of windows
+    list_params = ("cross_replace", "self_replace")
+
     has_reconstruction = True
 
     def __init__(self, steps: int = 50, guidance: float = 7.5, negative: str = "empty", edit_type: str = "auto",

@@ -7,6 +7,11 @@ twice: ``cold`` (the whole edit: inversion, reconstruction, guided pass) and ``w
 source's inversion and reconstruction come from the content cache, as in every sweep point
 after the first). The phases are printed too. The first call of each is a warm-up.
 
+Sweeps (``--sweep N``, default 7): an N-point λ2 sweep of the image, cold, as a multiple of one
+cold OIG edit: batched (every point in one pass, ``OIG.edit_points``; target <= 3x on the toy
+model) and one edit per point in the same process (the per-job path without its per-job
+process start and model load, i.e. a lower bound of the multirun's cost).
+
 It also times the pieces every guided step must compute (U-Net forward of both CFG copies,
 U-Net backward of one copy, VAE decoder and CLIP forward + backward) and prints
 ``floor_ratio_cold``: the ratio an implementation with zero overhead would reach, i.e. what
@@ -49,6 +54,8 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--image", default=None, help="an image file (default: a toy scene)")
+    p.add_argument("--sweep", type=int, default=7,
+                   help="also time an N-point λ2 sweep of the image, batched vs one edit per point (0: skip)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     models = load_sd(a.model, device=a.device, dtype=a.dtype)
@@ -104,12 +111,65 @@ def main(argv=None):
         "oig_phases_cold_s": {k: round(v, 3) for k, v in cold_phases.items()},
         "step_components_ms": {k: round(v * 1e3, 3) for k, v in comp.items()},
     }
+    if a.sweep:
+        res.update(sweep_costs(models, img, sp, tp, a))
     n = a.steps
     # inversion (n - 2 batch-1 calls, official index convention) + batch-1 reconstruction (n) + n guided steps
     floor = ((2 * n - 2) * comp["unet_fwd_b1"] + n * (comp["unet_fwd_b1"] + comp["unet_fwd_bwd_b1"] + comp["vae_clip_fwd_bwd"]))
     res["floor_ratio_cold"] = floor / res["plain_sampling_s"]
     log.info(json.dumps(res, indent=2))
     return res
+
+
+#: the λ2 values of the sweep benchmark (log-spaced, as the lambda2_sweep preset)
+SWEEP_LAMBDA2 = (0.0, 0.1, 1.0, 10.0, 30.0, 100.0, 300.0, 1000.0)
+
+
+def sweep_costs(models, img, sp, tp, a) -> dict:
+    """An N-point λ2 sweep of one image, cold (no cache): batched (one pass, ``OIG.edit_points``) and
+    one edit per point in one process (the first cold, the others with the inversion and the
+    reconstruction from the cache: the per-job path without its per-job process start and model
+    load). Both as multiples of one cold OIG edit."""
+    import tempfile
+
+    from oig.cache import InversionCache
+
+    values = list(SWEEP_LAMBDA2[: a.sweep])
+    if len(values) < a.sweep:
+        raise SystemExit(f"--sweep: at most {len(SWEEP_LAMBDA2)} points")
+    eds = [OIG(steps=a.steps, lambda2=v, clip_model=a.clip, clip_pretrained=a.clip_pretrained).bind(models)
+           for v in values]
+
+    def timed(fn):
+        _sync()
+        t = time.perf_counter()
+        fn()
+        _sync()
+        return time.perf_counter() - t
+
+    def per_job_sweep():
+        with tempfile.TemporaryDirectory() as tmp:
+            cache = InversionCache(tmp)
+            for e in eds:
+                e.bind(models, cache=cache)
+            for e in eds:
+                e(EditRequest(img, sp, tp, seed=0))
+            for e in eds:
+                e.bind(models)
+
+    # interleaved (cold edit, batched sweep, per-job sweep) rounds, so that a drift of the machine's
+    # speed during the benchmark hits the three alike
+    cold, batched, per_job = [], [], []
+    for _ in range(a.repeats):
+        cold.append(timed(lambda: eds[2](EditRequest(img, sp, tp, seed=0))))
+        batched.append(timed(lambda: eds[0].edit_points(EditRequest(img, sp, tp, seed=0), eds)))
+        per_job.append(timed(per_job_sweep))
+    cold_s = statistics.median(cold)
+    b, j = statistics.median(batched), statistics.median(per_job)
+    return {"sweep_points": len(values), "sweep_lambda2": values, "sweep_cold_edit_s": cold_s,
+            "sweep_batched_s": b, "sweep_per_job_s": j,
+            "sweep_batched_x_cold_edit": b / cold_s, "sweep_per_job_x_cold_edit": j / cold_s,
+            "sweep_speedup": j / b}
 
 
 def components(models, core, editor, shape, cond, neg, repeats):

@@ -14,6 +14,7 @@ orders of magnitude weaker or stronger, which is why the toy model needs its own
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import statistics
@@ -28,29 +29,28 @@ def measure(editor, requests) -> dict:
     rec = {"ddim": [], "struct": [], "clip": [], "feat_mse": [], "ratio_struct": [], "ratio_clip": []}
     orig_step = editor._guided_step
 
-    def step(x, k, t, d, emb2, S, P, e_src, e_tgt, eta, fh, extra_loss=None):
+    def step(x, k, t, d, emb2, S, P, e_src, e_tgt, w, fh, extra_loss=None):
         c = editor.core
         with torch.no_grad():
             eps = c.eps(x, t, emb2[1:], emb2[:1], editor.guidance)
             fh.pop()
             x_plain, _ = c.ddim_step(x, eps, t, t - d)
         ddim = float((x_plain - x).norm())
-        for term, lam_name in (("struct", "lambda2"), ("clip", "lambda1")):
-            lam = getattr(editor, lam_name)
-            keep = (editor.lambda1, editor.lambda2)
-            editor.lambda1, editor.lambda2 = (lam, 0.0) if term == "clip" else (0.0, lam)
-            try:
-                if lam == 0 or not editor._has_guidance(None):
-                    continue
-                x_g, _, _, _ = orig_step(x, k, t, d, emb2, S, P, e_src, e_tgt, eta, fh)
-                x_n, _, _, _ = orig_step(x, k, t, d, emb2, S, P, e_src, e_tgt, 0.0, fh)
-                g = float((x_g - x_n).norm())
-                rec[term].append(g)
-                rec[f"ratio_{term}"].append(g / max(ddim, 1e-12))
-            finally:
-                editor.lambda1, editor.lambda2 = keep
+        zero = torch.zeros_like(w.lambda1)
+        for term in ("struct", "clip"):
+            # one term alone (the other's weight and switch off), then the same with step size 0
+            alone = dataclasses.replace(w, **({"lambda2": zero, "struct_on": zero.bool()} if term == "clip" else
+                                              {"lambda1": zero, "clip_on": zero.bool()}))
+            if not editor._has_guidance(None, alone, alone.guided[k]):
+                continue
+            x_g, _, _, _ = orig_step(x, k, t, d, emb2, S, P, e_src, e_tgt, alone, fh)
+            x_n, _, _, _ = orig_step(x, k, t, d, emb2, S, P, e_src, e_tgt,
+                                     dataclasses.replace(alone, eta=torch.zeros_like(w.eta)), fh)
+            g = float((x_g - x_n).norm())
+            rec[term].append(g)
+            rec[f"ratio_{term}"].append(g / max(ddim, 1e-12))
         rec["ddim"].append(ddim)
-        out = orig_step(x, k, t, d, emb2, S, P, e_src, e_tgt, eta, fh, extra_loss)
+        out = orig_step(x, k, t, d, emb2, S, P, e_src, e_tgt, w, fh, extra_loss)
         if S is not None and editor.layer_names:
             with torch.no_grad():
                 F_now = out[1]

@@ -34,6 +34,9 @@ class Editor(ABC):
     name = "editor"
     #: True when the editor produces a reconstruction of the source as a by-product
     has_reconstruction = False
+    #: numeric parameters that also accept a list as one value (e.g. a [start, end] window): in a
+    #: sweep (:mod:`oig.sweep`) only a list of lists is a vector for them
+    list_params: tuple[str, ...] = ()
 
     def __init__(self, steps: int = 50, guidance: float = 5.0, negative: str = "source",
                  resize_mode: str = "keep_aspect", encode: str = "mean"):

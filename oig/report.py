@@ -68,7 +68,7 @@ SECONDARY = ("clip_dir", "clip_img_sim", "toy_iou", "toy_center_err", "toy_bg_ms
 COST_COLUMNS = ("time_total", "peak_mem_mb")
 COST_DIRECTION = {"time_total": "lower", "peak_mem_mb": "lower"}
 #: numeric row columns that are identifiers, not measurements
-NOT_MEASURED = ("seed",)
+NOT_MEASURED = ("seed", "sweep_batch")  # run facts, not measurements
 #: trade-off plot axes: the first column present (with values) is used
 TRADEOFF_Y = ("clip_score", "clip_acc", "toy_edit_success")  # a continuous CLIP metric first (clip_acc saturates)
 TRADEOFF_X = ("structure_dist", "toy_center_err", "toy_bg_mse", "bg_lpips")

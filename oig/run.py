@@ -161,9 +161,8 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict:
     """Run ``cfg`` and return the summary. ``output_dir`` overrides ``paths.output_dir``."""
     from hydra.utils import instantiate
 
-    from eval.base import MetricInput
     from oig.cache import InversionCache
-    from oig.image import make_grid, resize_mask
+    from oig.image import make_grid
     from oig.models import load_sd
     from oig.types import EditRequest
 
@@ -194,10 +193,11 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict:
     models = load_sd(cfg.model.pretrained, device=cfg.device, dtype=cfg.dtype, revision=cfg.model.get("revision"),
                      steps_offset=cfg.model.get("steps_offset"))
     cache = InversionCache(cfg.cache.dir, enabled=cfg.cache.enabled)
-    editor = instantiate(cfg.method).bind(models, cache=cache, progress=False)
-    method = editor.name
-    hp = editor.hparams()
-    log.info("method %s %s", method, hp)
+    targets = _targets(cfg, out, models, cache)
+    sweep = len(targets) > 1 or targets[0].out != out
+    method = targets[0].editor.name
+    for t in targets:
+        log.info("method %s %s%s", method, t.hp, f" -> {t.out.name}" if sweep else "")
     dataset = instantiate(cfg.dataset)
     metrics = {name: instantiate(m) for name, m in (cfg.get("metrics") or {}).items()}
     for m in metrics.values():
@@ -206,99 +206,195 @@ def run(cfg: DictConfig, output_dir: str | Path | None = None) -> dict:
     if logger is not None:
         logger.start(out, OmegaConf.to_container(cfg, resolve=True), name=f"{method}-{out.name}")
 
-    previous = {r["id"]: r for r in load_rows(out)} if cfg.resume else {}
-    retry = {i for i, r in previous.items() if r.get("status") == "error"} if cfg.get("retry_errors", True) else set()
-    done = {i: r for i, r in previous.items() if i not in retry}  # error rows to retry are not done
-    if previous:
-        log.info("resuming in %s: %d rows already written, %d of them errors%s", out, len(previous),
-                 sum(r.get("status") == "error" for r in previous.values()),
-                 f"; retrying those {len(retry)} samples" if retry else "")
-    rows_dir = out / "rows"
-    n_new = n_err = n_retried = n_fixed = 0
+    for t in targets:
+        t.resume(cfg)
     t_run = time.perf_counter()
-    todo = [i for i in dataset.ids() if safe_id(i) not in done] if hasattr(dataset, "ids") else None
-    samples = dataset.iter_samples(skip=set(done)) if hasattr(dataset, "iter_samples") else iter(dataset)
+    done_all = set.intersection(*(set(t.done) for t in targets))  # samples every point has
+    todo = [i for i in dataset.ids() if safe_id(i) not in done_all] if hasattr(dataset, "ids") else None
+    samples = dataset.iter_samples(skip=done_all) if hasattr(dataset, "iter_samples") else iter(dataset)
     for sample in tqdm(samples, total=len(todo) if todo is not None else len(dataset), desc=method,
                        disable=not cfg.progress):
         sid = safe_id(sample.id)
-        if sid in done:
+        pending = [t for t in targets if sid not in t.done]
+        if not pending:
             continue
-        row = {"id": sid, "task": sample.task, "source_prompt": sample.source_prompt,
-               "target_prompt": sample.target_prompt, "method": method, "model": cfg.model.pretrained,
-               "dataset": getattr(dataset, "name", type(dataset).__name__), "seed": int(cfg.seed),
-               "status": "ok", "error": None}
-        row.update({f"hp_{k}": v for k, v in hp.items()})
+        row0 = {"id": sid, "task": sample.task, "source_prompt": sample.source_prompt,
+                "target_prompt": sample.target_prompt, "method": method, "model": cfg.model.pretrained,
+                "dataset": getattr(dataset, "name", type(dataset).__name__), "seed": int(cfg.seed),
+                "status": "ok", "error": None}
+        rows = [{**row0, **{f"hp_{k}": v for k, v in t.hp.items()}} for t in pending]
         c0 = cache.stats()
-        images = {}
+        results = [None] * len(pending)
         try:
             if sample.error:
                 raise ValueError(sample.error)
             if models.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(models.device)
-            res = editor(EditRequest.from_sample(sample, seed=int(cfg.seed)))
-            if not np.isfinite(np.asarray(res.image, dtype=np.float32)).all():
-                raise RuntimeError("non-finite edit")
-            row.update({f"time_{k}": v for k, v in res.timings.items()})
-            row["peak_mem_mb"] = peak_memory_mb(models.device)
-            row.update({k: v for k, v in res.info.items() if isinstance(v, (int, float, str, bool))})
-            images = {"source": res.source, "edit": res.image, "reconstruction": res.reconstruction}
-            if sample.target_image is not None:
-                images["target"] = sample.target_image.resize(res.image.size)
-            mi = MetricInput(source=res.source, edit=res.image, source_prompt=sample.source_prompt,
-                             target_prompt=sample.target_prompt, mask=resize_mask(sample.mask, res.image.size),
-                             target_image=images.get("target"), task=sample.task, meta=sample.meta)
-            for name, m in metrics.items():
-                try:
-                    row.update(m([mi])[0])
-                except Exception as e:  # a metric failure does not lose the edit
-                    if cfg.strict:
-                        raise
-                    row[f"metric_error_{name}"] = one_line(e)
-                    log.warning("%s: metric %s failed: %s", sid, name, one_line(e))
+            req = EditRequest.from_sample(sample, seed=int(cfg.seed))
+            if sweep:
+                results = pending[0].editor.edit_points(req, [t.editor for t in pending])
+            else:
+                results = [pending[0].editor(req)]
         except Exception as e:
             if cfg.strict:
                 raise
-            row["status"], row["error"] = "error", one_line(e)
-            n_err += 1
-            log.warning("%s: %s", sid, row["error"])
-        row.update({k: v - c0.get(k, 0) for k, v in cache.stats().items()})
-        if cfg.save_images and images:
-            d = out / "images" / sid
-            d.mkdir(parents=True, exist_ok=True)
-            for k, im in images.items():
-                if im is not None:
-                    im.save(d / f"{k}.png")
-        # a retried sample's old error row is replaced only now, in one rename
-        _atomic_write(rows_dir / f"{sid}.json", json.dumps({k: _jsonable(v) for k, v in row.items()}).encode())
-        done[sid] = row
-        n_new += 1
-        if sid in retry:
-            n_retried += 1
-            n_fixed += row["status"] == "ok"
-        if logger is not None:
-            logger.log_row(row, images)
+            for row in rows:
+                row["status"], row["error"] = "error", one_line(e)
+            log.warning("%s: %s", sid, one_line(e))
+        peak = peak_memory_mb(models.device)
+        cache_delta = {k: v - c0.get(k, 0) for k, v in cache.stats().items()}
+        for t, row, res in zip(pending, rows, results):
+            images = _score(cfg, row, res, sample, metrics, sid, peak) if res is not None else {}
+            row.update(cache_delta)
+            t.write(cfg, sid, row, images)
+            if logger is not None:
+                logger.log_row(row, images)
 
-    rows = load_rows(out)
-    df = pd.DataFrame(rows)
-    if len(df):
-        df.to_parquet(out / "results.parquet", index=False)
-    summary = summarize(df)
-    summary.update(method=method, samples=len(df), new_samples=n_new, errors=int((df.get("status") == "error").sum()) if len(df) else 0,
-                   retried=n_retried, retried_ok=n_fixed, threads=torch.get_num_threads(),
-                   run_seconds=round(time.perf_counter() - t_run, 2), **cache.stats())
-    (out / "summary.json").write_text(json.dumps({k: _jsonable(v) for k, v in summary.items()}, indent=2))
-    if cfg.save_images:
-        _grid(out, df, cfg.grid_rows, make_grid)
-    log.info("run folder: %s", out)
-    retried = f", {n_retried} error rows retried ({n_fixed} now ok)" if n_retried else ""
-    log.info("summary (%d samples, %d errors%s, %d cache hits, %d misses):\n%s", summary["samples"], summary["errors"],
-             retried, cache.hits, cache.misses, format_summary(summary))
+    summaries = [t.finish(cfg, dataset, make_grid, t_run, cache) for t in targets]
+    if not sweep:
+        summary = summaries[0]
+        log.info("run folder: %s", out)
+    else:
+        summary = _sweep_summary(out, targets, summaries, cfg, make_grid)
     if logger is not None:
         logger.finish({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
     return summary
 
 
-NON_METRIC = ("seed",)
+class _Target:
+    """Where one editor's rows go: the run folder itself, or one point's folder of a sweep."""
+
+    def __init__(self, out: Path, editor, point: dict):
+        self.out, self.editor, self.point = out, editor, point
+        self.hp = editor.hparams()
+        self.done: dict[str, dict] = {}
+        self.retry: set[str] = set()
+        self.n_new = self.n_err = self.n_retried = self.n_fixed = 0
+
+    def resume(self, cfg):
+        previous = {r["id"]: r for r in load_rows(self.out)} if cfg.resume else {}
+        self.retry = {i for i, r in previous.items() if r.get("status") == "error"} \
+            if cfg.get("retry_errors", True) else set()
+        self.done = {i: r for i, r in previous.items() if i not in self.retry}  # error rows to retry are not done
+        if previous:
+            log.info("resuming in %s: %d rows already written, %d of them errors%s", self.out, len(previous),
+                     sum(r.get("status") == "error" for r in previous.values()),
+                     f"; retrying those {len(self.retry)} samples" if self.retry else "")
+
+    def write(self, cfg, sid: str, row: dict, images: dict):
+        if cfg.save_images and images:
+            d = self.out / "images" / sid
+            d.mkdir(parents=True, exist_ok=True)
+            for k, im in images.items():
+                if im is not None:
+                    im.save(d / f"{k}.png")
+        # a retried sample's old error row is replaced only now, in one rename
+        _atomic_write(self.out / "rows" / f"{sid}.json", json.dumps({k: _jsonable(v) for k, v in row.items()}).encode())
+        self.done[sid] = row
+        self.n_new += 1
+        self.n_err += row["status"] == "error"
+        if sid in self.retry:
+            self.n_retried += 1
+            self.n_fixed += row["status"] == "ok"
+
+    def finish(self, cfg, dataset, make_grid, t_run: float, cache) -> dict:
+        df = pd.DataFrame(load_rows(self.out))
+        if len(df):
+            df.to_parquet(self.out / "results.parquet", index=False)
+        summary = summarize(df)
+        summary.update(method=self.editor.name, samples=len(df), new_samples=self.n_new,
+                       errors=int((df.get("status") == "error").sum()) if len(df) else 0,
+                       retried=self.n_retried, retried_ok=self.n_fixed, threads=torch.get_num_threads(),
+                       run_seconds=round(time.perf_counter() - t_run, 2), **cache.stats())
+        (self.out / "summary.json").write_text(json.dumps({k: _jsonable(v) for k, v in summary.items()}, indent=2))
+        if cfg.save_images:
+            _grid(self.out, df, cfg.grid_rows, make_grid)
+        retried = f", {self.n_retried} error rows retried ({self.n_fixed} now ok)" if self.n_retried else ""
+        log.info("summary of %s (%d samples, %d errors%s, %d cache hits, %d misses):\n%s", self.out, summary["samples"],
+                 summary["errors"], retried, cache.hits, cache.misses, format_summary(summary))
+        return summary
+
+
+def _targets(cfg: DictConfig, out: Path, models, cache) -> list[_Target]:
+    """One target per point of the method's vector hyperparameters (:mod:`oig.sweep`); one target
+    writing into ``out`` itself when there are none."""
+    from hydra.utils import instantiate
+
+    from oig import sweep
+
+    method_cfg = OmegaConf.to_container(cfg.method, resolve=True)
+    pts = sweep.points(method_cfg)
+    if pts == [{}]:
+        return [_Target(out, instantiate(cfg.method).bind(models, cache=cache, progress=False), {})]
+    targets = []
+    full = OmegaConf.to_container(cfg, resolve=True)
+    for j, point in enumerate(pts):
+        editor = instantiate(sweep.apply(method_cfg, point)).bind(models, cache=cache, progress=False)
+        t = _Target(out / sweep.folder_name(j, editor.name, point), editor, point)
+        t.out.mkdir(parents=True, exist_ok=True)
+        (t.out / "config.yaml").write_text(OmegaConf.to_yaml({**full, "method": sweep.apply(method_cfg, point)}))
+        targets.append(t)
+    log.info("sweep over %s: %d points, one run folder each under %s", list(pts[0]), len(pts), out)
+    return targets
+
+
+def _score(cfg, row: dict, res, sample, metrics: dict, sid: str, peak: float) -> dict:
+    """Fill ``row`` with one edit's timings, info and metrics; returns its images. A non-finite edit
+    makes the row an error; a failing metric leaves the edit and names the metric."""
+    from eval.base import MetricInput
+    from oig.image import resize_mask
+
+    if not np.isfinite(np.asarray(res.image, dtype=np.float32)).all():
+        row["status"], row["error"] = "error", "RuntimeError: non-finite edit"
+        return {}
+    row.update({f"time_{k}": v for k, v in res.timings.items()})
+    row["peak_mem_mb"] = peak
+    row.update({k: v for k, v in res.info.items() if isinstance(v, (int, float, str, bool))})
+    images = {"source": res.source, "edit": res.image, "reconstruction": res.reconstruction}
+    if sample.target_image is not None:
+        images["target"] = sample.target_image.resize(res.image.size)
+    mi = MetricInput(source=res.source, edit=res.image, source_prompt=sample.source_prompt,
+                     target_prompt=sample.target_prompt, mask=resize_mask(sample.mask, res.image.size),
+                     target_image=images.get("target"), task=sample.task, meta=sample.meta)
+    for name, m in metrics.items():
+        try:
+            row.update(m([mi])[0])
+        except Exception as e:  # a metric failure does not lose the edit
+            if cfg.strict:
+                raise
+            row[f"metric_error_{name}"] = one_line(e)
+            log.warning("%s: metric %s failed: %s", sid, name, one_line(e))
+    return images
+
+
+def _sweep_summary(out: Path, targets: list[_Target], summaries: list[dict], cfg, make_grid) -> dict:
+    """The sweep folder's ``sweep.json`` (points, folders, summaries) and ``sweep_grid.png``
+    (source | the edit of every point, for a few samples); returns the sweep's summary."""
+    from PIL import Image
+
+    from oig import sweep
+
+    info = {"points": [{"folder": t.out.name, "values": t.point, **{k: _jsonable(v) for k, v in s.items()}}
+                       for t, s in zip(targets, summaries)]}
+    (out / "sweep.json").write_text(json.dumps(info, indent=2, default=str))
+    if cfg.save_images:
+        ok = [set(i for i, r in t.done.items() if r.get("status") == "ok") for t in targets]
+        ids = sorted(set.intersection(*ok))[: cfg.grid_rows] if ok else []
+        rows = []
+        for i in ids:
+            src = targets[0].out / "images" / i / "source.png"
+            rows.append([Image.open(src).convert("RGB")] +
+                        [Image.open(t.out / "images" / i / "edit.png").convert("RGB") for t in targets])
+        if rows:
+            make_grid(rows, labels=["source"] + [sweep.label(t.point) for t in targets],
+                      row_labels=ids).save(out / "sweep_grid.png")
+    log.info("sweep folder: %s (%d points)", out, len(targets))
+    return {"method": targets[0].editor.name, "points": len(targets),
+            "samples": sum(s.get("samples", 0) for s in summaries),
+            "errors": sum(s.get("errors", 0) for s in summaries), "sweep": info["points"]}
+
+
+NON_METRIC = ("seed", "sweep_batch")
 
 
 def summarize(df: pd.DataFrame) -> dict:

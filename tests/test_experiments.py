@@ -72,9 +72,22 @@ def test_every_preset_is_tested():
     assert set(EXPERIMENTS) >= {"toy_table", "table1", "lambda2_sweep", "lambda1_sweep", "ablation_triplet", "pie_bench"}
 
 
+#: presets that sweep by vector hyperparameters in one run (oig/sweep.py), the others by Hydra multirun
+BATCHED = {"lambda2_sweep": "lambda2", "lambda1_sweep": "lambda1"}
+
+
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_experiment_composes_as_a_multirun_and_every_sweep_value_composes(name):
     cfg = _compose([f"experiment={name}"])
+    if name in BATCHED:  # one run; every point also composes as a scalar (the per-job path)
+        key = BATCHED[name]
+        assert str(cfg.hydra.mode) != "RunMode.MULTIRUN", f"{name}: batched, not a multirun"
+        values = list(cfg.method[key])
+        assert len(values) >= 5
+        for v in values:
+            c = _compose([f"experiment={name}", "hydra.mode=MULTIRUN", f"method.{key}={v}"])
+            assert float(c.method[key]) == float(v)
+        return
     assert str(cfg.hydra.mode) == "RunMode.MULTIRUN", f"{name}: must sweep without -m"
     params = cfg.hydra.sweeper.params
     assert params, f"{name}: no sweep"
@@ -151,9 +164,8 @@ def test_paper_presets_use_the_paper_setting():
     for m in _sweep_values(pb, "method"):
         c = _compose(["experiment=pie_bench", f"method={m}"])
         assert c.method.steps == 50, m  # PIE-Bench ran InstructPix2Pix with 50 steps too (every setting: test_protocol_cards)
-    assert _sweep_values(_compose(["experiment=lambda2_sweep"]), "method.lambda2") == \
-        ["0", "0.1", "1.0", "10", "30", "100", "300", "1000"]
-    assert _sweep_values(_compose(["experiment=lambda1_sweep"]), "method.lambda1") == ["0", "0.01", "0.1", "1.0", "10"]
+    assert list(_compose(["experiment=lambda2_sweep"]).method.lambda2) == [0, 0.1, 1.0, 10, 30, 100, 300, 1000]
+    assert list(_compose(["experiment=lambda1_sweep"]).method.lambda1) == [0, 0.01, 0.1, 1.0, 10]
 
 
 def test_ablation_variants_set_their_switches():

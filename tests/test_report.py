@@ -61,12 +61,12 @@ def pair(tmp_path_factory, tiny) -> Path:
 
 @pytest.fixture(scope="module")
 def lambda2(tmp_path_factory, tiny) -> Path:
-    """A 3-point λ2 sweep of OIG through the real preset (a Hydra multirun, no -m)."""
+    """A 3-point λ2 sweep of OIG through the real preset (batched: one run, one folder per point)."""
     tmp = tmp_path_factory.mktemp("l2")
     sweep = tmp / "sweep"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "OIG_ROOT": str(tmp)}
-    p = subprocess.run([sys.executable, "-m", "oig.run", "experiment=lambda2_sweep", "method.lambda2=0,1.0,3.0",
-                        "method.steps=3", f"hydra.sweep.dir={sweep}", *tiny], cwd=tmp, env=env, capture_output=True,
+    p = subprocess.run([sys.executable, "-m", "oig.run", "experiment=lambda2_sweep", "method.lambda2=[0,1.0,3.0]",
+                        "method.steps=3", f"hydra.run.dir={sweep}", *tiny], cwd=tmp, env=env, capture_output=True,
                        text=True, timeout=240)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return sweep
@@ -210,7 +210,7 @@ def test_a_changed_hyperparameter_is_not_a_duplicate(pair, tmp_path):
 
 # ------------------------------------------------------------------ the λ2 sweep
 def test_lambda2_sweep_gives_a_tradeoff_plot(lambda2):
-    assert sorted(p.name for p in lambda2.iterdir() if p.is_dir()) == \
+    assert sorted(p.name for p in lambda2.iterdir() if p.is_dir() and not p.name.startswith(".")) == \
         ["0_oig_lambda2_0", "1_oig_lambda2_1.0", "2_oig_lambda2_3.0"]
     written = report.write_report([lambda2])
     png, pdf = lambda2 / "report_tradeoff_oig_lambda2.png", lambda2 / "report_tradeoff_oig_lambda2.pdf"
@@ -239,6 +239,26 @@ def test_lambda2_sweep_gives_a_tradeoff_plot(lambda2):
     assert [t.get_text() for t in ax.texts] == ["0", "1", "3"]  # the swept values (λ2 is in the title)
     _, fig2 = report.tradeoff_figures(df, stats, x="toy_bg_psnr", y="clip_score")[0]
     assert fig2.axes[0].get_xlabel() == "toy_bg_psnr ↑"
+
+
+def test_per_job_lambda2_sweep_reports_like_the_batched_one(lambda2, tiny, tmp_path):
+    """The per-job path (hydra.mode=MULTIRUN over the same key) stays: same folders, same settings and
+    sample counts, metric means equal to the batched sweep's up to float rounding of the batch."""
+    sweep = tmp_path / "per_job"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "OIG_ROOT": str(tmp_path)}
+    p = subprocess.run([sys.executable, "-m", "oig.run", "experiment=lambda2_sweep", "hydra.mode=MULTIRUN",
+                        "method.lambda2=0,1.0,3.0", "method.steps=3", f"hydra.sweep.dir={sweep}", *tiny], cwd=tmp_path,
+                       env=env, capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert sorted(q.name for q in sweep.iterdir() if q.is_dir()) == \
+        ["0_oig_lambda2_0", "1_oig_lambda2_1.0", "2_oig_lambda2_3.0"]
+    a, b = report.load_results([sweep]), report.load_results([lambda2])
+    sa, sb = report.statistics(a), report.statistics(b)
+    key = ["method", "setting", "task", "metric"]
+    m = sa.merge(sb, on=key, suffixes=("_job", "_batched"))
+    assert len(m) == len(sa) == len(sb) and (m.n_job == m.n_batched).all()
+    m = m[~m.metric.str.startswith(("time_", "peak_mem", "cache_", "source_feature", "inversion_", "reconstruction_"))]
+    np.testing.assert_allclose(m.mean_batched, m.mean_job, rtol=0.02, atol=0.02)
 
 
 def test_notebook_executes_on_a_sweep(lambda2, monkeypatch):
