@@ -370,6 +370,52 @@ def test_sd21base_prompt_to_prompt(twin_dir, images, tmp_path, monkeypatch):
     free_models()
 
 
+# ------------------------------------------------------------------------------------------ preflight
+@real_shape
+def test_preflight_on_the_twin(twin_dir, images, tmp_path, monkeypatch, capsys):
+    """oig-check on the twin: all ready for OIG with the paper's metric models; a folder without its
+    U-Net, SD 2.1's v-prediction scheduler and a GELU tower for OpenAI's weights are named, with the
+    override that fixes each (or, for v-prediction, the conversion that handles it)."""
+    from oig.preflight import MISSING, READY, WRONG, compose, main, preflight
+    from oig.testing import twin
+
+    for k, v in twin.env(twin_dir).items():
+        monkeypatch.setenv(k, v)
+    free_models()
+    base = [o for o in _base(twin_dir, tmp_path, images) if o != "metrics=none"]
+    assert main([*base, "method=oig", "metrics=paper", *twin.overrides(twin_dir, "paper")]) == 0
+    out = capsys.readouterr().out
+    assert out.rstrip().endswith("all ready"), out[-3000:]
+    for name in ("model folder", "scheduler", "tokenizer", "guidance CLIP (oig)", "editor oig", "metric clip",
+                 "metric structure", "metric background"):
+        assert f"| {name} | ready |" in out, name
+    assert "QuickGELU" in out  # the twin's OpenAI ViT-B/32 is declared ViT-B-32-quickgelu
+
+    def rows(overrides, model="sd14"):
+        b = _base(twin_dir, tmp_path, images, model=model)  # metrics=none
+        return {r.name: r for r in preflight(compose([*b, *overrides]))}
+
+    broken = tmp_path / "sd14_without_unet"
+    broken.mkdir()
+    for sub in (twin_dir / "sd14").iterdir():
+        if sub.name != "unet":
+            (broken / sub.name).symlink_to(sub)
+    r = rows([f"model.pretrained={broken}"])
+    assert r["model folder"].status == MISSING and "no unet/" in r["model folder"].detail
+    assert "model.pretrained=" in r["model folder"].fix and "huggingface-cli download" in r["model folder"].fix
+    free_models()
+    r = rows([], model="sd21")
+    assert r["scheduler"].status == READY and "prediction_type=v_prediction (U-Net output converted to ε" in \
+        r["scheduler"].detail
+    assert r["editor ddim_word_swap"].status == READY
+    free_models()
+    clip_file = f"{twin_dir / twin.FOLDERS['clip_b32']}/open_clip_model.safetensors"
+    r = rows(["method=oig", "model.guidance_clip.name=ViT-B-32", f"model.guidance_clip.pretrained={clip_file}"])
+    g = r["guidance CLIP (oig)"]
+    assert g.status == WRONG and "named as OpenAI's" in g.detail and g.fix == "model.guidance_clip.name=ViT-B-32-quickgelu"
+    free_models()
+
+
 # ------------------------------------------------------------------------------------------ 512 px
 @real_shape
 @pytest.mark.skipif(not (torch.cuda.is_available() or os.environ.get("OIG_TEST_512") == "1"),
