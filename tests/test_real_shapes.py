@@ -303,6 +303,24 @@ def test_editor_end_to_end_at_sd_shapes(case, twin_dir, images, tmp_path, monkey
         assert max(got.values()) == (lat[0] // 2) * (lat[1] // 2)
 
 
+@real_shape
+def test_batched_oig_sweep_at_sd_shapes(twin_dir, images, tmp_path, monkeypatch):
+    """Two λ2 points guided as one batch through SD's U-Net (20 hooked ResNet blocks, batch-2 attention
+    at every resolution), the VAE decoder and ViT-B/32; each point's folder has an ok row with the
+    sample's size."""
+    spy = Spy(monkeypatch)
+    out = tmp_path / "sweep"
+    summary = run(_cfg(_base(twin_dir, tmp_path, images) + ["method=oig", "method.lambda2=[0,1]", STEPS]),
+                  output_dir=out)
+    assert summary["points"] == 2 and summary["errors"] == 0
+    assert spy.feature_layers and all(ls == SD14_RESNETS for ls in spy.feature_layers)
+    for j, v in enumerate((0, 1)):
+        df = pd.read_parquet(out / f"{j}_oig_lambda2_{v}" / "results.parquet")
+        assert (df.status == "ok").all() and (df.sweep_batch == 2).all() and (df.hp_lambda2 == v).all()
+        im = np.asarray(Image.open(out / f"{j}_oig_lambda2_{v}" / "images" / "wide.png" / "edit.png"))
+        assert im.shape == (64, 128, 3) and im.std() > 0
+
+
 # ------------------------------------------------------------------------------------------ metric presets
 @real_shape
 def test_metric_presets_on_twin_models(twin_dir, images, tmp_path, monkeypatch):
