@@ -383,23 +383,34 @@ def check_editor(cfg: DictConfig, label: str, models, sample, steps: int):
         return Check(name, MISSING, "needs the model (see the model row)", ""), None
     if sample is None:
         return Check(name, MISSING, "needs a readable sample (see the dataset row)", ""), None
+    from oig import sweep
+
     mcfg = OmegaConf.to_container(cfg.method, resolve=True)
     configured = mcfg.get("steps")
     note = ""
     try:
+        points = sweep.points(mcfg)  # a sweep (vector values) is checked as it runs: every point, one call
+
+        def build(m):
+            return [instantiate(sweep.apply(m, p)) for p in points]
+
         try:
             k = min(int(steps), int(configured)) if configured is not None else None
-            editor = instantiate({**mcfg, "steps": k} if k is not None else mcfg)
+            editors = build({**mcfg, "steps": k} if k is not None else mcfg)
         except Exception as e:  # noqa: BLE001 - too few steps for this editor's settings: run it as configured
             k = configured
             note = f" (fewer refused: {_line(e.__cause__ or e)[:160]})"
-            editor = instantiate(mcfg)
-        editor.bind(models, cache=None, progress=False)
+            editors = build(mcfg)
+        for editor in editors:
+            editor.bind(models, cache=None, progress=False)
         if models.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(models.device)
         t0 = time.perf_counter()
-        res = editor(EditRequest.from_sample(sample, seed=int(cfg.get("seed", 0))))
+        req = EditRequest.from_sample(sample, seed=int(cfg.get("seed", 0)))
+        res = editors[0].edit_points(req, editors)[0] if len(points) > 1 else editors[0](req)
         secs = time.perf_counter() - t0
+        if len(points) > 1:
+            note += f", {len(points)} sweep points in one call"
     except WeightsNotFoundError as e:
         fix = ("model.ip2p.unet=DIR model.ip2p.pretrained=DIR (an InstructPix2Pix folder)" if "unet" in mcfg
                else "model.pretrained=DIR")

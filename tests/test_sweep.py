@@ -246,3 +246,13 @@ def test_no_preset_setting_is_mistaken_for_a_sweep():
                 HydraConfig.instance().cfg = None
             assert not keys or (name, list(keys)) in (("lambda2_sweep", ["lambda2"]), ("lambda1_sweep", ["lambda1"])), \
                 (name, m, keys)
+
+
+def test_preflight_checks_a_sweep_as_it_runs(tiny_sd_path, tiny_clip, capsys):
+    from oig.preflight import main
+
+    ov = [f"model.pretrained={tiny_sd_path}", f"model.guidance_clip.name={tiny_clip}", "metrics=none", "device=cpu",
+          "dataset.n_per_task=1", "dataset.tasks=[shape_swap]", "method=oig", "method.lambda2=[0,1,2]"]
+    assert main(ov) == 0
+    out = capsys.readouterr().out
+    assert "| editor oig | ready |" in out and "3 sweep points in one call" in out
