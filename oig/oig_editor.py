@@ -465,14 +465,18 @@ class OIG(Editor):
     def edit_points(self, req: EditRequest, points: list[Editor]) -> list[EditResult]:
         """Every point of a sweep on one request in one pass: inversion and reconstruction once, the
         guided latents of the points stacked as one batch through each U-Net / VAE / CLIP call, each
-        with its own weights and step sizes; chunks of ``sweep_batch`` points (``auto``: all on the
-        CPU; on CUDA all, halved on out-of-memory). Each result's timings are the chunk's divided
+        with its own weights and step sizes; chunks of ``sweep_batch`` points (``auto``: all; a pass
+        that runs out of CUDA memory is retried with half the points, and the editor keeps that size
+        for the next samples). Each result's timings are the chunk's divided
         by its points, ``info['sweep_batch']`` the chunk size."""
         why = self.batchable(points)
         if why is not None:
             log.info("OIG sweep: one pass per point (%s)", why)
             return super().edit_points(req, points)
-        size = len(points) if self.sweep_batch == "auto" else max(1, int(self.sweep_batch))
+        if self.sweep_batch == "auto":  # all points, or the size an earlier out-of-memory left
+            size = min(len(points), getattr(self, "_fitting_batch", len(points)))
+        else:
+            size = int(self.sweep_batch)
         out, i = [], 0
         while i < len(points):
             chunk = points[i : i + size]
@@ -482,8 +486,10 @@ class OIG(Editor):
                 if size == 1 or self.sweep_batch != "auto":
                     raise
                 size = max(1, size // 2)
+                self._fitting_batch = size  # kept for the next samples of the run
                 log.warning("OIG sweep: out of memory with %d points per pass; trying %d", len(chunk), size)
-                torch.cuda.empty_cache()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
                 continue
             i += len(chunk)
         return out

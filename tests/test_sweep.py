@@ -256,3 +256,30 @@ def test_preflight_checks_a_sweep_as_it_runs(tiny_sd_path, tiny_clip, capsys):
     assert main(ov) == 0
     out = capsys.readouterr().out
     assert "| editor oig | ready |" in out and "3 sweep points in one call" in out
+
+
+def test_auto_sweep_batch_halves_on_out_of_memory_and_keeps_the_size(tiny_models, rand_image, tiny_clip, monkeypatch):
+    """sweep_batch=auto: every point in one pass; a pass that runs out of (CUDA) memory is retried with
+    half the points, and later samples start at the size that fitted. A fixed size is not changed."""
+    import torch
+
+    seen = []
+    real = OIG._call_chunk
+
+    def limited(self, req, chunk):
+        seen.append(len(chunk))
+        if len(chunk) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(self, req, chunk)
+
+    monkeypatch.setattr(OIG, "_call_chunk", limited)
+    eds = [OIG(lambda1=0.5, lambda2=v, steps=2, clip_model=tiny_clip).bind(tiny_models) for v in (0, 1, 2, 3, 4)]
+    out = eds[0].edit_points(_req(rand_image), eds)
+    assert seen == [5, 2, 2, 1] and [r.info["sweep_batch"] for r in out] == [2, 2, 2, 2, 1]
+    seen.clear()
+    eds[0].edit_points(_req(rand_image), eds)
+    assert seen == [2, 2, 1]  # the size that fitted, from the start
+    fixed = [OIG(lambda1=0.5, lambda2=v, steps=2, clip_model=tiny_clip, sweep_batch=3).bind(tiny_models)
+             for v in (0, 1, 2)]
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        fixed[0].edit_points(_req(rand_image), fixed)
