@@ -368,6 +368,8 @@ def main(argv=None):
     p.add_argument("--savers", action="store_true", help="also measure OIG with each memory saver")
     p.add_argument("--no-editors", action="store_true", help="only the savers (with --savers)")
     p.add_argument("--out", default=str(ROOT / "runs" / "bench_memory"))
+    p.add_argument("--units-from", default=None,
+                   help="reuse the unit costs of an earlier run's bench_memory.json (same twin, resolution, device)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--child-edit", default=None, help=argparse.SUPPRESS)
@@ -406,9 +408,16 @@ def main(argv=None):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **twin.env(d)}
     common = ["model=sd14", *twin.overrides(d, "sd14"), f"device={a.device}", f"dtype={a.dtype}", "progress=false"]
     t0 = time.perf_counter()
-    log.info("calibrating unit costs at %d px", a.resolution)
-    units = _child("calibrate", {"model": str(d / "sd14"), "resolution": a.resolution, "device": a.device,
-                                 "dtype": a.dtype}, env)
+    if a.units_from:
+        prev = json.loads(Path(a.units_from).read_text())
+        if prev["meta"]["resolution"] != a.resolution:
+            p.error(f"--units-from {a.units_from}: measured at {prev['meta']['resolution']} px, not {a.resolution}")
+        units = prev["units"]
+        log.info("unit costs from %s", a.units_from)
+    else:
+        log.info("calibrating unit costs at %d px", a.resolution)
+        units = _child("calibrate", {"model": str(d / "sd14"), "resolution": a.resolution, "device": a.device,
+                                     "dtype": a.dtype}, env)
     if "error" in units:
         log.warning("calibration failed: %s", units["error"])
         units = {}
