@@ -47,13 +47,18 @@ the compute dtype on the device (``offload_features=true`` moves them to the CPU
 whole loop is written without the reference's one-step lag.
 
 Memory savers (config switches, off by default; each leaves the edit unchanged, tested on the
-tiny model; measured savings at 512 px in ``experiments/bench_memory.py``), applied to the guided
-pass, where the memory peak is: ``vae_checkpointing`` (gradient checkpointing of the VAE decoder
-blocks that the CLIP term back-propagates through: their activations are recomputed during the
-backward instead of kept; bit-identical), ``unet_checkpointing`` (the same for the U-Net blocks of
-the back-propagated CFG copy; bit-identical), ``attention_slicing`` (diffusers' sliced attention,
-``auto`` | ``max`` | a slice size, computed head-slice by head-slice with an explicit softmax: equal
-up to float rounding), and ``offload_features`` (above).
+tiny model; measured at 512 px with ``experiments/bench_memory.py``, table in experiments/README),
+applied to the guided pass, where the memory peak is: ``vae_checkpointing`` (gradient
+checkpointing of the VAE decoder blocks that the CLIP term back-propagates through: their
+activations are recomputed during the backward instead of kept; bit-identical; -2.6 GB of an
+8.0 GB step working set, +15% time), ``unet_checkpointing`` (the same for the U-Net blocks of the
+back-propagated CFG copy; bit-identical; -1.0 GB, +11%), ``offload_features`` (above; the
+reconstruction's features, 45 MB per step at 512 px, off the device), and ``attention_slicing``
+(diffusers' sliced attention, ``auto`` | ``max`` | a slice size, head slice by head slice with an
+explicit softmax: equal up to float rounding). Sliced attention is *not* a saver under PyTorch 2:
+it replaces the memory-efficient scaled-dot-product kernels with explicit attention matrices that
+autograd keeps, and an OIG step at 512 px went from 13.5 GB to over 24 GB (killed); it is kept for
+runtimes without those kernels, with a warning.
 
 Differences that can, each a config switch: the VAE posterior *mean* is encoded
 (``encode=mean``; the reference draws an unseeded sample: ``encode=sample`` draws a seeded
@@ -211,6 +216,10 @@ class OIG(Editor):
                     model.enable_gradient_checkpointing()  # only acts where autograd records (the guided copy)
                     undo.append(model.disable_gradient_checkpointing)
             if self.attention_slicing is not None:
+                if hasattr(F, "scaled_dot_product_attention"):
+                    log.warning("attention_slicing=%s replaces PyTorch's memory-efficient attention kernels with "
+                                "explicit attention matrices, which autograd keeps: OIG needs more memory, not less "
+                                "(experiments/README.md, memory table)", self.attention_slicing)
                 original = dict(unet.attn_processors)
                 unet.set_attention_slice(self.attention_slicing)
                 undo.append(lambda: unet.set_attn_processor(original))
